@@ -1,0 +1,147 @@
+"""The `isoflop` command: thin subcommands over the library. Heavy imports happen inside each one."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """Bad input found before any compute is spent: printed as one line, exit code 2."""
+
+
+def cmd_models(args) -> int:
+    from pipeline.shapes import REGISTRY
+
+    columns = ("name", "n_layer", "n_head", "d_model", "d_ff", "non_embedding_params")
+    rows = [(name, s.n_layer, s.n_head, s.d_model, s.d_ff, s.non_embedding_params()) for name, s in REGISTRY.items()]
+    if args.format == "csv":
+        print(",".join(columns))
+        for row in rows:
+            print(",".join(map(str, row)))
+    else:
+        print(f"{'name':<12}{'layers':>7}{'heads':>6}{'d_model':>8}{'d_ff':>7}{'N (non-emb)':>16}")
+        for name, *rest, n in rows:
+            print(f"{name:<12}{rest[0]:>7}{rest[1]:>6}{rest[2]:>8}{rest[3]:>7}{n:>16,}")
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from pipeline import data
+
+    info = data.prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+                        seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote {info.path}: {info.tokens['train']:,} train + {info.tokens['val']:,} val tokens, "
+          f"vocab {info.vocab_size}, fingerprint {info.fingerprint}")
+    return 0
+
+
+def cmd_data_synthetic(args) -> int:
+    from pipeline import data
+
+    info = data.synthetic(args.out, tokens=args.tokens, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote {info.path}: {info.tokens['train']:,} train + {info.tokens['val']:,} val tokens, "
+          f"vocab {info.vocab_size}, entropy rate {info.entropy_rate_nats:.4f} nats/token")
+    return 0
+
+
+def _run_spec(args):
+    from pydantic import ValidationError
+
+    from pipeline.config import RunSpec, TrainConfig, format_validation_error, parse_overrides
+
+    overrides = parse_overrides(args.set or [])
+    if args.zero_stage is not None:
+        overrides["zero_stage"] = args.zero_stage
+    try:
+        train_cfg = TrainConfig(**overrides)
+    except ValidationError as err:
+        raise UsageError(format_validation_error(err, "train")) from None
+    try:
+        flops = float(args.flops)
+    except ValueError:
+        raise UsageError(f"--flops: expected a number of FLOPs, got {args.flops!r}") from None
+    try:
+        return RunSpec(family=args.family, shape=args.model, budget=flops, train=train_cfg)
+    except ValidationError as err:
+        raise UsageError(format_validation_error(err)) from None
+
+
+def _train_worker(spec, data_dir, out_dir) -> None:
+    from pipeline.train import train
+
+    train(spec, data_dir, out_dir)
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from pipeline import distributed
+    from pipeline.train import check_run
+
+    spec = _run_spec(args)
+    workers = args.workers or max(1, torch.cuda.device_count())
+    data, plan = check_run(spec, args.data, workers)
+    spec = spec.model_copy(update={"data_fingerprint": data.info.fingerprint})
+    result_file = Path(args.out) / "result.json"
+    if result_file.exists() and json.loads(result_file.read_text())["result"]["run_hash"] == spec.run_hash:
+        print(f"{args.out} already holds this finished run ({spec.run_hash}); nothing to do", file=sys.stderr)
+    else:
+        distributed.spawn(_train_worker, workers, spec, args.data, args.out)
+    print(json.dumps(json.loads(result_file.read_text())["result"]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="isoflop", description="IsoFLOP scaling studies of MDM and ARM language models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the registered model shapes")
+    p.add_argument("--format", choices=("table", "csv"), default="table")
+    p.set_defaults(func=cmd_models)
+
+    data = sub.add_parser("data", help="prepare token data").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("prepare", help="tokenize .txt/.jsonl/.parquet files into memmap shards")
+    p.add_argument("inputs", nargs="+", help="files or globs")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", default="byte", help="byte | bpe:VOCAB (trained on the input) | PATH/tokenizer.json")
+    p.add_argument("--val-fraction", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("synthetic", help="generate the built-in synthetic corpus (known entropy rate)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokens", type=int, default=2_000_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_data_synthetic)
+
+    p = sub.add_parser("train", help="train one model to a FLOP budget")
+    p.add_argument("--family", required=True, help="mdm or arm")
+    p.add_argument("--model", required=True, help="a shape name (see `isoflop models`) or '{n_layer: 2, n_head: 2, d_model: 64}'")
+    p.add_argument("--flops", required=True, help="the FLOP budget C")
+    p.add_argument("--data", required=True, help="a folder made by `isoflop data`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=0, help="ranks (CPU processes, or GPUs); default: GPUs or 1")
+    p.add_argument("--zero-stage", type=int, default=None)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, e.g. lr=1e-3 (repeatable)")
+    p.set_defaults(func=cmd_train)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as err:
+        print(f"isoflop {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # DataError, BudgetError and shape errors all say what is wrong
+        print(f"isoflop {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""FLOP conventions and the budget -> tokens -> steps arithmetic every grid point goes through."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.shapes import Shape
+
+FlopsConvention = Literal["6ND", "palm"]
+CONVENTIONS: tuple[str, ...] = ("6ND", "palm")
+
+
+def matmul_params(shape: Shape, vocab_size: int) -> int:
+    """Parameters that take part in a matrix multiply per token: the blocks' weights plus the LM head."""
+    d = shape.d_model
+    return shape.n_layer * (4 * d * d + 3 * d * shape.d_ff) + d * vocab_size
+
+
+def flops_per_token(shape: Shape, vocab_size: int, seq_len: int, convention: FlopsConvention = "6ND") -> float:
+    """Training FLOPs (forward + backward) per token.
+
+    6ND: the paper's convention, 6 x non-embedding N (no attention, embedding or head term).
+    palm: 6 x matmul params (LM head included) + 12 * n_layer * d_model * seq_len for attention scores.
+    """
+    if convention == "6ND":
+        return 6.0 * shape.non_embedding_params()
+    if convention == "palm":
+        return 6.0 * matmul_params(shape, vocab_size) + 12.0 * shape.n_layer * shape.d_model * seq_len
+    raise ValueError(f"flops_convention: unknown convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
+
+
+class BudgetError(ValueError):
+    """A budget that cannot be trained as asked (too few steps for the model and batch)."""
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    budget: float          # the FLOPs asked for
+    flops_per_token: float
+    tokens_per_step: int
+    steps: int
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+    @property
+    def flops(self) -> float:
+        """FLOPs actually spent: the budget rounded to whole steps."""
+        return self.tokens * self.flops_per_token
+
+
+def plan_budget(budget: float, shape: Shape, *, vocab_size: int, seq_len: int, batch_size: int,
+                convention: FlopsConvention = "6ND", min_steps: int = 1) -> BudgetPlan:
+    """Tokens D = C / flops_per_token, trained in whole steps of batch_size x seq_len tokens."""
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
+        raise BudgetError(f"budget: must be a positive number of FLOPs, got {budget!r}")
+    per_token = flops_per_token(shape, vocab_size, seq_len, convention)
+    tokens_per_step = batch_size * seq_len
+    steps = round(budget / (per_token * tokens_per_step))
+    if steps < min_steps:
+        raise BudgetError(
+            f"budget: {budget:.3g} FLOPs gives {steps} steps for model {shape.label} "
+            f"(N={shape.non_embedding_params():,}, {tokens_per_step:,} tokens/step), below train.min_steps={min_steps}")
+    return BudgetPlan(budget, per_token, tokens_per_step, steps)
