@@ -93,6 +93,41 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from pipeline.sweep import run_sweep
+
+    return run_sweep(args.file, address=args.address, tracking_uri=args.tracking_uri, rerun_failed=args.rerun_failed,
+                     dry_run=args.dry_run)
+
+
+def cmd_runs(args) -> int:
+    from analysis.runs import from_mlflow, write_table
+
+    from pipeline.tracking import resolve_uri
+
+    table = from_mlflow(args.experiment, resolve_uri(args.tracking_uri, "sqlite:///mlruns.db"), finished_only=False)
+    write_table(table, args.out)
+    print(f"wrote {len(table)} runs to {args.out}")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    import subprocess
+
+    from pipeline.tracking import resolve_uri
+
+    uri = resolve_uri(args.tracking_uri, "sqlite:///mlruns.db")
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)")
+    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                            "--host", "127.0.0.1", "--port", str(args.port)])
+
+
+def cmd_analyze(args) -> int:
+    from analysis.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="isoflop", description="IsoFLOP scaling studies of MDM and ARM language models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +163,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, e.g. lr=1e-3 (repeatable)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("sweep", help="run an IsoFLOP sweep file on Ray (skips finished points, resumes interrupted ones)")
+    p.add_argument("file")
+    p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the file's)")
+    p.add_argument("--dry-run", action="store_true", help="print the grid and exit")
+    p.add_argument("--rerun-failed", action="store_true", help="run points that failed before again")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("runs", help="export a sweep's runs table from MLflow")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--out", required=True, help="FILE.parquet or FILE.csv")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the store in use")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
+    from analysis.cli import configure_parser
+
+    configure_parser(sub.add_parser("analyze", help="fit scaling laws and the compute gap; plots and report"))
+    sub.choices["analyze"].set_defaults(func=cmd_analyze)
     return parser
 
 
@@ -135,10 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except UsageError as err:
-        print(f"isoflop {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # DataError, BudgetError and shape errors all say what is wrong
+    except (UsageError, ValueError) as err:  # DataError, BudgetError, SweepError, ... all say what is wrong
         print(f"isoflop {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -72,14 +72,37 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """One line per problem, each naming the field and the value given."""
+def format_validation_error(err: ValidationError, prefix: str = "", schema: type[BaseModel] | None = None) -> str:
+    """One line per problem, each naming the field and the value given (and a near miss for unknown keys)."""
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        if e["type"] == "extra_forbidden":
+            hint = _did_you_mean(str(e["loc"][-1]), _known_keys(schema, e["loc"][:-1])) if schema else ""
+            lines.append(f"{where}: unknown key{hint}")
+            continue
         given = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-        lines.append(f"{where}: {e['msg']}{given}")
+        lines.append(f"{where}: {e['msg'].removeprefix('Value error, ')}{given}")
     return "\n".join(lines)
+
+
+def _known_keys(schema: type[BaseModel], path: tuple) -> list[str]:
+    """Field names of the (nested) model at `path`, for did-you-mean hints."""
+    for key in path:
+        field = schema.model_fields.get(str(key))
+        inner = getattr(field, "annotation", None) if field else None
+        candidates = [inner, *getattr(inner, "__args__", ())]
+        schema = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if schema is None:
+            return []
+    return list(schema.model_fields)
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class RunSpec(BaseModel):
@@ -109,6 +132,12 @@ class RunSpec(BaseModel):
         return {"family": self.family, "shape": self.shape.as_dict(), "budget": self.budget,
                 "train": train, "data_fingerprint": self.data_fingerprint}
 
+    def to_dict(self) -> dict:
+        """A JSON-safe form that RunSpec(**d) reads back (Ray passes specs between processes as config)."""
+        shape = {**self.shape.as_dict(), **({"name": self.shape.name} if self.shape.name else {})}
+        return {"family": self.family, "shape": shape, "budget": self.budget, "train": self.train.model_dump(),
+                "data_fingerprint": self.data_fingerprint}
+
     @property
     def run_hash(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
@@ -117,3 +146,89 @@ class RunSpec(BaseModel):
     @property
     def run_name(self) -> str:
         return f"{self.family}-{self.shape.label}-{self.budget:.2e}-{self.run_hash}"
+
+
+class Resources(BaseModel):
+    """What one trial asks of the Ray cluster."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workers_per_trial: int = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    max_concurrent_trials: int | None = Field(None, gt=0, description="default: as many as the cluster holds")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts per trial, each from the last checkpoint")
+
+
+class SizeRule(BaseModel):
+    """Pick sizes per budget around a predicted optimum instead of listing models."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_budget: int = Field(5, ge=1)
+    span: float = Field(8.0, gt=1, description="largest / smallest N per budget")
+    tokens_per_param: float = Field(20.0, gt=0, description="predicted optimum D/N, centre of the window")
+
+
+class SyntheticData(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tokens: int = Field(2_000_000, gt=0)
+    seed: int = 0
+
+
+class DataSpec(BaseModel):
+    """A prepared data folder, or the built-in corpus generated there on first use."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str
+    synthetic: SyntheticData | None = None
+    vocab_size: int | None = Field(None, gt=0, description="expected vocabulary; lets --dry-run plan before the data exists")
+
+
+class SweepConfig(BaseModel):
+    """A sweep file: the IsoFLOP grid, the recipe, the resources and where results go."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, description="the MLflow experiment")
+    data: DataSpec
+    families: list[Family] = Field(min_length=1)
+    budgets: list[float] = Field(min_length=1)
+    flops_convention: FlopsConvention = "6ND"
+    models: list[str | dict] | None = None
+    sizes: SizeRule | None = None
+    seeds: list[int] = [0]
+    train: TrainConfig = TrainConfig()
+    resources: Resources = Resources()
+    tracking_uri: str = "sqlite:///mlruns.db"
+    storage: str = Field("ray_results", description="Ray storage path: trial state and checkpoints")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_path(cls, value):
+        return {"path": value} if isinstance(value, str) else value
+
+    @field_validator("budgets")
+    @classmethod
+    def _positive_budgets(cls, budgets):
+        bad = [b for b in budgets if not (math.isfinite(b) and b > 0)]
+        if bad:
+            raise ValueError(f"budgets must be positive finite FLOP counts, got {bad}")
+        return budgets
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, models):
+        errors = []
+        for m in models or []:
+            try:
+                resolve_shape(m)
+            except ValueError as err:
+                errors.append(str(err))
+        if errors:
+            raise ValueError("; ".join(errors))
+        return models
+
+    @model_validator(mode="after")
+    def _models_or_sizes(self):
+        if (self.models is None) == (self.sizes is None):
+            raise ValueError("give exactly one of `models` (a list of shapes) or `sizes` (a rule)")
+        return self

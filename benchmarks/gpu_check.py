@@ -1,0 +1,54 @@
+"""bf16 training throughput and MFU of the trainer on one GPU for the paper's 113M and 336M shapes.
+
+Context 2048, micro batch 8 (accumulated to a global batch of 32), ZeRO-0, on the built-in corpus.
+MFU counts 6 x matmul params + attention (the palm convention) against the GPU's dense bf16 peak.
+Goal: MFU >= 45% on one H100 for the 336M shape.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+
+from pipeline.config import RunSpec, TrainConfig
+from pipeline.data import synthetic
+from pipeline.train import Reporter, train
+
+
+class Last(Reporter):
+    def __init__(self):
+        self.rows = []
+
+    def metrics(self, rows):
+        self.rows.append(rows[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smdm-113M,smdm-336M")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "gpu_check needs a CUDA GPU"
+    print(torch.cuda.get_device_name(), torch.__version__)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = synthetic(f"{tmp}/data", tokens=4_000_000, seed=0).path
+        for name in args.models.split(","):
+            for family in ("arm", "mdm"):
+                cfg = TrainConfig(seq_len=2048, batch_size=4 * args.micro_batch, micro_batch_size=args.micro_batch,
+                                  lr=2e-4, warmup_min_steps=5, log_every=10, checkpoint_every=0, eval_samples=1,
+                                  val_blocks=1, zero_stage=0, precision="bf16")
+                spec = RunSpec(family=family, shape=name, budget=1.0, train=cfg)
+                tokens = args.steps * cfg.batch_size * cfg.seq_len
+                spec = spec.model_copy(update={"budget": 6.0 * spec.shape.non_embedding_params() * tokens})
+                last = Last()
+                train(spec, data_dir, f"{tmp}/{name}-{family}", reporter=last, verbose=False)
+                steady = last.rows[1:] or last.rows
+                rate = sum(r["tokens_per_s"] for r in steady) / len(steady)
+                mfu = sum(r.get("mfu", float("nan")) for r in steady) / len(steady)
+                print(f"{name} {family}: {rate:,.0f} tokens/s, MFU {mfu:.1%}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Sweep file -> IsoFLOP grid of RunSpecs, with the points that cannot run dropped and explained."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from pipeline.config import RunSpec, SweepConfig, format_validation_error
+from pipeline.flops import BudgetError, BudgetPlan, plan_budget
+from pipeline.shapes import CPU_SHAPES, PAPER_SHAPES, Shape, resolve_shape
+
+
+class SweepError(ValueError):
+    """Everything wrong with a sweep, found before anything launches; one problem per line."""
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    spec: RunSpec
+    plan: BudgetPlan
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file: {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SweepError(f"sweep file: {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise SweepError(f"sweep file: {path} must hold a mapping of settings, got {type(raw).__name__}")
+    try:
+        return SweepConfig(**raw)
+    except ValidationError as err:
+        raise SweepError(f"{path}:\n" + format_validation_error(err, schema=SweepConfig)) from None
+
+
+def sizes_for_budget(budget: float, sweep: SweepConfig) -> list[Shape]:
+    """`per_budget` registry shapes log-spaced over `span` around N* = sqrt(C / (6 * tokens_per_param))."""
+    rule = sweep.sizes
+    centre = math.sqrt(budget / (6 * rule.tokens_per_param))
+    ladder = sorted({**CPU_SHAPES, **PAPER_SHAPES}.values(), key=Shape.non_embedding_params)
+    targets = [centre * rule.span ** (i / max(1, rule.per_budget - 1) - 0.5) for i in range(rule.per_budget)]
+    chosen = []
+    for target in targets:
+        best = min(ladder, key=lambda s: abs(math.log(s.non_embedding_params() / target)))
+        if best not in chosen:
+            chosen.append(best)
+    return chosen
+
+
+def expand_grid(sweep: SweepConfig, vocab_size: int, data_fingerprint: str = "") -> tuple[list[GridPoint], list[str]]:
+    """(points to run, reasons for points dropped). Duplicate points are an error, not a silent merge."""
+    points, dropped, seen = [], [], {}
+    train = sweep.train.with_overrides({"flops_convention": sweep.flops_convention})
+    for budget in sweep.budgets:
+        shapes = sizes_for_budget(budget, sweep) if sweep.sizes else [resolve_shape(m) for m in sweep.models]
+        for family in sweep.families:
+            for shape in shapes:
+                for seed in sweep.seeds:
+                    spec = RunSpec(family=family, shape=shape, budget=budget, train=train.with_overrides({"seed": seed}),
+                                   data_fingerprint=data_fingerprint)
+                    if spec.run_hash in seen:
+                        raise SweepError(f"duplicated grid point: {spec.run_name} (family={family}, budget={budget:g}, "
+                                         f"model={shape.label}, seed={seed}) appears twice")
+                    seen[spec.run_hash] = spec
+                    try:
+                        plan = plan_budget(budget, shape, vocab_size=vocab_size, seq_len=train.seq_len,
+                                           batch_size=train.batch_size, convention=train.flops_convention,
+                                           min_steps=train.min_steps)
+                    except BudgetError as err:
+                        dropped.append(f"{family} {shape.label} at {budget:.3g}: {err}")
+                        continue
+                    if train.warmup_steps(plan.steps) >= plan.steps:
+                        dropped.append(f"{family} {shape.label} at {budget:.3g}: {plan.steps} steps do not outlast "
+                                       f"the warmup of {train.warmup_steps(plan.steps)}")
+                        continue
+                    points.append(GridPoint(spec, plan))
+    return points, dropped
+
+
+def format_grid(points: list[GridPoint]) -> str:
+    header = f"{'family':<7}{'budget':>10}  {'model':<22}{'N':>12}{'D (tokens)':>14}{'steps':>8}{'D/N':>8}"
+    lines = [header, "-" * len(header)]
+    for p in points:
+        s = p.spec
+        n = s.shape.non_embedding_params()
+        lines.append(f"{s.family:<7}{s.budget:>10.3g}  {s.shape.label:<22}{n:>12,}{p.plan.tokens:>14,}"
+                     f"{p.plan.steps:>8}{p.plan.tokens / n:>8.1f}")
+    return "\n".join(lines)

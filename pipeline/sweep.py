@@ -1,0 +1,298 @@
+"""Ray glue: one Tune trial per grid point, each a Ray Train run of the DeepSpeed loop, logged to MLflow.
+
+Identity does the bookkeeping: a grid point's hash names its MLflow run and its Train run, so a
+re-run skips what finished, resumes what was interrupted from its last checkpoint, and runs the rest.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ray import tune
+
+from pipeline.config import Resources, RunSpec, SweepConfig
+from pipeline.grid import GridPoint, SweepError, expand_grid, format_grid, load_sweep
+from pipeline.train import Diverged, Reporter, plan_run, train
+from pipeline import tracking
+
+TRIAL_CPU = 0.001  # what a Tune trial that drives a Ray Train worker group holds for itself
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial needs besides its own spec (passed to the Ray processes)."""
+    name: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    data_dir: str
+    storage: str
+    resources: Resources
+
+
+@dataclass
+class SweepPlan:
+    sweep: SweepConfig
+    points: list[GridPoint]
+    dropped: list[str]
+    fingerprint: str
+    tracking_uri: str
+
+
+def plan_sweep(path: str | Path, tracking_uri: str | None = None, *, dry_run: bool = False,
+               cluster: dict | None = None) -> SweepPlan:
+    """Load and check a sweep file: every problem is collected and raised together, before anything runs.
+
+    `cluster` holds the resources a trial must fit in ({"CPU": n, "GPU": m}); None skips that check.
+    """
+    from pipeline.data import DataError, load_dataset, synthetic
+
+    sweep = load_sweep(path)
+    errors: list[str] = []
+    data_dir = Path(sweep.data.path)
+    vocab, fingerprint = sweep.data.vocab_size, ""
+    if not (data_dir / "meta.json").exists() and sweep.data.synthetic and not dry_run:
+        synthetic(data_dir, tokens=sweep.data.synthetic.tokens, seed=sweep.data.synthetic.seed)
+    try:
+        info = load_dataset(data_dir).info
+        if vocab is not None and vocab != info.vocab_size:
+            errors.append(f"data.vocab_size: {vocab} given, but {data_dir} has vocab {info.vocab_size}")
+        vocab, fingerprint = info.vocab_size, info.fingerprint
+    except DataError as err:
+        if not (dry_run and vocab):
+            errors.append(str(err) + ("" if sweep.data.synthetic else " (prepare it with `isoflop data`)"))
+    points, dropped = [], []
+    if vocab:
+        try:
+            points, dropped = expand_grid(sweep, vocab, fingerprint)
+            if not points:
+                errors.append("grid: every point was dropped:\n  " + "\n  ".join(dropped))
+        except SweepError as err:
+            errors.append(str(err))
+    if cluster is not None and trials_that_fit(sweep.resources, cluster) < 1:
+        res = sweep.resources
+        errors.append(f"resources: a trial needs {res.workers_per_trial} workers x ({res.cpus_per_worker} CPU, "
+                      f"{res.gpus_per_worker} GPU), more than the cluster has ({cluster})")
+    uri = tracking.resolve_uri(tracking_uri, sweep.tracking_uri)
+    if not dry_run:
+        try:
+            tracking.prepare_store(uri, sweep.name)
+        except tracking.TrackingError as err:
+            errors.append(str(err))
+    if errors:
+        raise SweepError("\n".join(errors))
+    return SweepPlan(sweep, points, dropped, fingerprint, uri)
+
+
+def trial_resources(resources: Resources) -> dict:
+    """What Tune reserves for a trial: all of a one-worker point, else just the driver of its worker group."""
+    if resources.workers_per_trial == 1:
+        return {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker}
+    return {"cpu": TRIAL_CPU}
+
+
+def trials_that_fit(resources: Resources, cluster: dict) -> int:
+    """How many trials the cluster holds at once (Tune cannot see Train's placement groups)."""
+    cpus = resources.workers_per_trial * resources.cpus_per_worker
+    if resources.workers_per_trial > 1:
+        cpus += TRIAL_CPU
+    limit = math.floor(cluster.get("CPU", 0) / cpus)
+    if resources.gpus_per_worker:
+        limit = min(limit, math.floor(cluster.get("GPU", 0) / (resources.workers_per_trial * resources.gpus_per_worker)))
+    return limit
+
+
+def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str | None = None,
+              rerun_failed: bool = False, dry_run: bool = False) -> int:
+    local = None if address else {"CPU": os.cpu_count() or 1, "GPU": _local_gpus()}
+    plan = plan_sweep(path, tracking_uri, dry_run=dry_run, cluster=None if dry_run else local)
+    sweep = plan.sweep
+    for reason in plan.dropped:
+        print(f"dropped: {reason}")
+    if dry_run:
+        print(format_grid(plan.points))
+        print(f"{len(plan.points)} runs, {sum(p.plan.flops for p in plan.points):.3g} FLOPs in all")
+        return 0
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(plan.tracking_uri)
+    experiment_id = tracking.prepare_store(plan.tracking_uri, sweep.name)
+    todo, done, failed = [], [], []
+    for point in plan.points:
+        status, reason = tracking.run_status(client, experiment_id, point.spec.run_hash)
+        if status == tracking.FINISHED:
+            done.append(point)
+        elif status == tracking.FAILED and not rerun_failed:
+            failed.append(f"{point.spec.run_name}: {reason or 'failed'}")
+        else:
+            todo.append(point)
+    print(f"sweep {sweep.name}: {len(plan.points)} points, {len(done)} finished, {len(failed)} failed "
+          f"(kept; --rerun-failed runs them again), {len(todo)} to run")
+    for line in failed:
+        print(f"  failed earlier: {line}")
+    if not todo:
+        return 0 if not failed else 1
+
+    import ray
+
+    ray.init(address=address, num_cpus=local and local["CPU"], num_gpus=local and local["GPU"],
+             include_dashboard=False, log_to_driver=True)
+    try:
+        concurrent = trials_that_fit(sweep.resources, ray.cluster_resources())
+        if concurrent < 1:  # a remote cluster, only known once connected
+            raise SweepError(f"resources: a trial needs {sweep.resources.workers_per_trial} workers x "
+                             f"({sweep.resources.cpus_per_worker} CPU, {sweep.resources.gpus_per_worker} GPU), more than "
+                             f"the cluster has ({ray.cluster_resources()})")
+        if sweep.resources.max_concurrent_trials:
+            concurrent = min(concurrent, sweep.resources.max_concurrent_trials)
+        storage = str(Path(sweep.storage).resolve()) if "://" not in sweep.storage else sweep.storage
+        context = SweepContext(sweep.name, plan.tracking_uri, experiment_id,
+                               tracking.sweep_parent(client, experiment_id, sweep.name),
+                               str(Path(sweep.data.path).resolve()), storage, sweep.resources)
+        trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), trial_resources(sweep.resources))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"spec": tune.grid_search([p.spec.to_dict() for p in todo])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
+            run_config=tune.RunConfig(name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage,
+                                      failure_config=tune.FailureConfig(max_failures=sweep.resources.max_failures),
+                                      callbacks=[SweepProgress(todo)], verbose=0))
+        results = tuner.fit()
+    finally:
+        ray.shutdown()
+    errors = [r for r in results if r.error is not None]
+    diverged = [r for r in results if r.error is None and r.metrics.get("status") == "diverged"]
+    print(f"sweep {sweep.name}: {len(results) - len(errors) - len(diverged)} trained, {len(diverged)} diverged, "
+          f"{len(errors)} errored; results in MLflow experiment '{sweep.name}' at {plan.tracking_uri}")
+    return 1 if errors or diverged or failed else 0
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def run_trial(config: dict, context: SweepContext) -> None:
+    """One grid point, in a Tune function trial: skip it if finished, else train it.
+
+    A one-worker point trains right here in the trial process: a Ray Train worker group would add an
+    actor, a placement group and seconds of start-up to runs that may last seconds. Several workers
+    get a Ray Train TorchTrainer named by the run hash, whose FailureConfig restarts lost workers.
+    Either way checkpoints live in {storage}/runs/{run hash}/, so any restart resumes from the last one.
+    """
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    spec = RunSpec(**config["spec"])
+    status, _ = tracking.run_status(MlflowClient(context.tracking_uri), context.experiment_id, spec.run_hash)
+    if status == tracking.FINISHED:  # another sweep finished it since this one was planned
+        tune.report({"status": "skipped"})
+        return
+    res = context.resources
+    if res.workers_per_trial == 1:
+        import torch
+
+        torch.set_num_threads(max(1, int(res.cpus_per_worker)))
+        outcome = train_point(spec, context)
+    else:
+        import ray.train
+        from ray.train.torch import TorchTrainer
+
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"spec": config["spec"], "context": context},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=res.workers_per_trial, use_gpu=res.gpus_per_worker > 0,
+                resources_per_worker={"CPU": res.cpus_per_worker,
+                                      **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}),
+            run_config=ray.train.RunConfig(name=spec.run_hash, storage_path=context.storage,
+                                           failure_config=ray.train.FailureConfig(max_failures=res.max_failures)))
+        try:
+            outcome = trainer.fit().metrics
+        except Exception as err:
+            tracking.RunLogger(context.tracking_uri, context.experiment_id, spec).fail(f"{type(err).__name__}: {err}")
+            raise
+    tune.report(outcome)
+
+
+def train_worker(config: dict) -> None:
+    """A Ray Train worker of a multi-worker point."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    os.environ["LOCAL_RANK"] = str(ctx.get_local_rank())
+    context: SweepContext = config["context"]
+    import torch
+
+    torch.set_num_threads(max(1, int(context.resources.cpus_per_worker)))
+    ray.train.report(train_point(RunSpec(**config["spec"]), context))
+
+
+class MlflowReporter(Reporter):
+    def __init__(self, logger: tracking.RunLogger | None):
+        self.logger = logger
+
+    def metrics(self, rows: list[dict]) -> None:
+        if self.logger:
+            self.logger.log_metrics(rows)
+
+
+def train_point(spec: RunSpec, context: SweepContext) -> dict:
+    """Train (or resume) one grid point on this rank; rank 0 records it in MLflow. Returns a status dict."""
+    from pipeline.distributed import ensure_process_group
+
+    rank, world = ensure_process_group()
+    out = Path(context.storage) / "runs" / spec.run_hash
+    logger = None
+    if rank == 0:
+        from pipeline.data import load_dataset
+
+        logger = tracking.RunLogger(context.tracking_uri, context.experiment_id, spec, context.parent_run_id)
+        info = load_dataset(context.data_dir).info
+        logger.log_params(tracking.run_params(spec, plan_run(spec, info.vocab_size), world, info.fingerprint),
+                          {"run": spec.to_dict(), "sweep": context.name})
+    try:
+        result = train(spec, context.data_dir, out, reporter=MlflowReporter(logger))
+    except Diverged as err:  # a property of the run, not a crash: recorded and not retried
+        if logger:
+            logger.fail(f"diverged: {err}")
+        return {"status": "diverged"}
+    if logger:
+        logger.finish(asdict(result), [out / "model.pt", out / "result.json"])
+    return {"status": "finished", "val_loss": result.val_loss}
+
+
+class SweepProgress(tune.Callback):
+    """One line per trial event: done / running / pending / failed, and an ETA from the FLOPs done so far."""
+
+    def __init__(self, points: list[GridPoint]):
+        self.flops = {p.spec.run_hash: p.plan.flops for p in points}
+        self.started = time.monotonic()
+
+    def _report(self, trials) -> None:
+        state = {"done": 0, "running": 0, "pending": 0, "failed": 0}
+        done_flops = 0.0
+        for trial in trials:
+            key = {"TERMINATED": "done", "RUNNING": "running", "ERROR": "failed"}.get(trial.status, "pending")
+            state[key] += 1
+            if key == "done":
+                done_flops += self.flops.get(RunSpec(**trial.config["spec"]).run_hash, 0.0)
+        elapsed = time.monotonic() - self.started
+        remaining = sum(self.flops.values()) - done_flops
+        eta = f"ETA {remaining * elapsed / done_flops:,.0f}s" if done_flops else "ETA after the first run"
+        print(f"[sweep] {state['done']} done, {state['running']} running, {state['pending']} pending, "
+              f"{state['failed']} failed | {elapsed:,.0f}s elapsed | {eta}", flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._report(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._report(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._report(trials)

@@ -1,0 +1,175 @@
+"""MLflow: one run per grid point, found again by its hash, so restarts never duplicate a run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import RunSpec
+from pipeline.flops import BudgetPlan
+
+HASH_TAG = "isoflop.run_hash"
+SWEEP_TAG = "isoflop.sweep"
+REASON_TAG = "isoflop.failure_reason"
+RESUMED_TAG = "isoflop.resumed"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+class TrackingError(ValueError):
+    pass
+
+
+def resolve_uri(uri: str | None, default: str) -> str:
+    """The flag, else $MLFLOW_TRACKING_URI, else the sweep file's value; relative sqlite paths made absolute."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def prepare_store(uri: str, experiment: str) -> str:
+    """Create the database and experiment once, from the driver, before any trial logs (returns its id).
+
+    sqlite gets write-ahead logging so concurrent sweeps and trials read while one writes.
+    """
+    if uri.startswith("sqlite:///"):
+        import sqlite3
+
+        path = Path(uri.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(path, timeout=60) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+    artifacts = None
+    if uri.startswith("sqlite:///"):
+        artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    client = MlflowClient(uri)
+    try:
+        found = client.get_experiment_by_name(experiment)
+    except Exception as err:  # a server that does not answer, a bad scheme, ...
+        raise TrackingError(f"tracking_uri: cannot reach {uri}: {str(err).splitlines()[0]}") from None
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(experiment, artifact_location=artifacts and f"{artifacts}/{experiment}")
+    except Exception:  # another sweep created it in the meantime
+        return client.get_experiment_by_name(experiment).experiment_id
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds on a server that is down (the MLflow client itself retries for minutes)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            response.read()
+    except OSError as err:
+        raise TrackingError(f"tracking_uri: cannot reach {uri}: {getattr(err, 'reason', err)}") from None
+
+
+def find_run(client: MlflowClient, experiment_id: str, run_hash: str):
+    runs = client.search_runs([experiment_id], f"tags.`{HASH_TAG}` = '{run_hash}'", max_results=5,
+                              order_by=["attributes.start_time ASC"])
+    return runs[0] if runs else None
+
+
+def sweep_parent(client: MlflowClient, experiment_id: str, sweep_name: str) -> str:
+    """The sweep's parent run, reused across re-runs of the same sweep."""
+    runs = client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_name}'", max_results=1)
+    if runs:
+        return runs[0].info.run_id
+    return client.create_run(experiment_id, run_name=f"sweep-{sweep_name}", tags={SWEEP_TAG: sweep_name}).info.run_id
+
+
+def run_params(spec: RunSpec, plan: BudgetPlan, world_size: int, fingerprint: str) -> dict[str, str]:
+    shape = spec.shape
+    recipe = spec.train.model_dump()
+    params = {
+        "family": spec.family, "budget": spec.budget, "model": shape.label, "n_layer": shape.n_layer,
+        "n_head": shape.n_head, "d_model": shape.d_model, "d_ff": shape.d_ff, "params": shape.non_embedding_params(),
+        "steps": plan.steps, "tokens": plan.tokens, "flops": plan.flops, "tokens_per_param": plan.tokens / shape.non_embedding_params(),
+        "world_size": world_size, "data_fingerprint": fingerprint, "run_hash": spec.run_hash, "git_commit": git_commit(),
+        **{f"train.{k}": v for k, v in recipe.items()},
+    }
+    params["flops_convention"] = spec.train.flops_convention
+    params["zero_stage"] = spec.train.zero_stage
+    params["seed"] = spec.train.seed
+    return {k: str(v) for k, v in params.items()}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class RunLogger:
+    """Get-or-create the MLflow run of one grid point and log to it from rank 0.
+
+    On a resumed attempt, metric steps already logged are skipped, so curves never hold duplicates.
+    """
+
+    def __init__(self, uri: str, experiment_id: str, spec: RunSpec, parent_id: str | None = None):
+        self.client = MlflowClient(uri)
+        found = find_run(self.client, experiment_id, spec.run_hash)
+        if found is None:
+            tags = {HASH_TAG: spec.run_hash, **({PARENT_TAG: parent_id} if parent_id else {})}
+            self.run_id = self.client.create_run(experiment_id, run_name=spec.run_name, tags=tags).info.run_id
+            self.logged_through = 0
+        else:
+            self.run_id = found.info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            history = self.client.get_metric_history(self.run_id, "loss")
+            self.logged_through = max((m.step for m in history), default=0)
+
+    def log_params(self, params: dict[str, str], config: dict) -> None:
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        if new:
+            self.client.log_batch(self.run_id, params=new)
+        if "config.json" not in {f.path for f in self.client.list_artifacts(self.run_id)}:
+            self.client.log_text(self.run_id, json.dumps(config, indent=2), "config.json")
+
+    def log_metrics(self, rows: list[dict]) -> None:
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, row["step"]) for row in rows if row["step"] > self.logged_through
+                   for key, value in row.items() if key != "step"]
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+        if rows:
+            self.logged_through = max(self.logged_through, rows[-1]["step"])
+
+    def finish(self, result: dict, artifacts: list[Path]) -> None:
+        final = [Metric(k, float(result[k]), int(time.time() * 1000), int(result["steps"]))
+                 for k in ("val_loss", "val_stderr", "tokens_per_s", "seconds")]
+        tags = [RunTag(REASON_TAG, "")]
+        if result["resumed_from_step"]:
+            tags.append(RunTag(RESUMED_TAG, f"resumed at step {result['resumed_from_step']}"))
+        self.client.log_batch(self.run_id, metrics=final, tags=tags)
+        for path in artifacts:
+            self.client.log_artifact(self.run_id, str(path))
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def fail(self, reason: str) -> None:
+        self.client.set_tag(self.run_id, REASON_TAG, reason[:5000])
+        self.client.set_terminated(self.run_id, "FAILED")
+
+
+def run_status(client: MlflowClient, experiment_id: str, run_hash: str) -> tuple[str | None, str]:
+    """(MLflow status or None, failure reason) of a grid point."""
+    run = find_run(client, experiment_id, run_hash)
+    if run is None:
+        return None, ""
+    return run.info.status, run.data.tags.get(REASON_TAG, "")
+
+
+FINISHED = RunStatus.to_string(RunStatus.FINISHED)
+FAILED = RunStatus.to_string(RunStatus.FAILED)

@@ -1,0 +1,175 @@
+"""Sweeps end to end on CPU with local Ray: grid, MLflow contents, idempotent re-runs, crashes, bad files."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline.distributed import free_port
+from pipeline.grid import SweepError, expand_grid, load_sweep
+from pipeline.sweep import plan_sweep
+
+TRAIN = {"seq_len": 32, "batch_size": 8, "lr": 3e-3, "warmup_min_steps": 2, "min_steps": 10, "zero_stage": 0,
+         "checkpoint_every": 10, "log_every": 5, "eval_samples": 2, "val_blocks": 4}
+
+
+def write_sweep(tmp_path: Path, name: str = "mini", **overrides) -> Path:
+    sweep = {"name": name, "data": {"path": str(tmp_path / "data"), "synthetic": {"tokens": 200_000, "seed": 0}},
+             "families": ["mdm", "arm"], "budgets": [4e9, 8e9], "models": ["cpu-26k", "cpu-51k"], "seeds": [0],
+             "train": TRAIN, "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
+             "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "storage": str(tmp_path / "ray")}
+    sweep.update(overrides)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def isoflop(*args, timeout=900, **kwargs):
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kwargs)
+
+
+def child_runs(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], "tags.`isoflop.run_hash` != ''", max_results=1000)
+    return client, runs
+
+
+def assert_one_finished_run_per_point(uri: str, experiment: str, points: int):
+    client, runs = child_runs(uri, experiment)
+    hashes = [r.data.tags["isoflop.run_hash"] for r in runs]
+    assert len(hashes) == len(set(hashes)) == points
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        assert steps == sorted(set(steps)) and steps[-1] == int(run.data.params["steps"])  # no duplicated points
+    return client, runs
+
+
+def test_dry_run_prints_grid_and_drops_short_points(tmp_path):
+    path = write_sweep(tmp_path, budgets=[1e7, 4e9])
+    proc = isoflop("sweep", str(path), "--dry-run", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "dropped: mdm cpu-26k at 1e+07" in proc.stdout and "below train.min_steps=10" in proc.stdout
+    assert proc.stdout.count("cpu-51k") >= 2 and "4 runs" in proc.stdout
+
+
+def test_paper_sweep_dry_run():
+    proc = isoflop("sweep", "sweeps/smdm_paper.yaml", "--dry-run", timeout=120, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr
+    for budget in ("6e+18", "1e+19", "3e+19", "6e+19", "1e+20"):
+        assert budget in proc.stdout
+    assert "smdm-" in proc.stdout and "70 runs" in proc.stdout
+
+
+def test_bad_sweep_file_reports_every_problem_at_once(tmp_path):
+    path = write_sweep(tmp_path, families=["mdm", "xrm"], budgets=[1e9, -3, "lots"], models=["cpu-26k", "cpu-2k"],
+                       trian={"lr": 1}, tracking_uri="http://127.0.0.1:9")
+    proc = isoflop("sweep", str(path), timeout=120)
+    assert proc.returncode == 2
+    for expected in ("families.1", "'xrm'", "budgets", "unknown shape 'cpu-2k'", "trian: unknown key (did you mean 'train'?)"):
+        assert expected in proc.stderr, proc.stderr
+
+
+def test_bad_data_resources_and_tracking_reported_together(tmp_path):
+    path = write_sweep(tmp_path, data={"path": str(tmp_path / "missing")}, tracking_uri="http://127.0.0.1:9",
+                       resources={"workers_per_trial": 64, "cpus_per_worker": 4})
+    proc = isoflop("sweep", str(path), timeout=120)
+    assert proc.returncode == 2
+    for expected in (str(tmp_path / "missing"), "resources: a trial needs 64 workers", "tracking_uri: cannot reach"):
+        assert expected in proc.stderr, proc.stderr
+
+
+def test_duplicated_points_are_an_error(tmp_path):
+    path = write_sweep(tmp_path, models=["cpu-26k", {"n_layer": 1, "n_head": 2, "d_model": 40, "d_ff": 160}])
+    with pytest.raises(SweepError, match="duplicated grid point"):
+        expand_grid(load_sweep(path), vocab_size=300)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        from pipeline.tracking import TrackingError, check_server
+
+        for _ in range(120):
+            try:
+                check_server(uri, timeout=1)
+                break
+            except TrackingError:
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_sweep_over_http_logs_every_point_once_and_reruns_nothing(tmp_path, mlflow_server):
+    path = write_sweep(tmp_path, name="mini-http", tracking_uri=mlflow_server)
+    proc = isoflop("sweep", str(path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[sweep]" in proc.stdout and "ETA" in proc.stdout
+    client, runs = assert_one_finished_run_per_point(mlflow_server, "mini-http", 8)
+    run = runs[0]
+    params = run.data.params
+    for key in ("family", "budget", "model", "params", "tokens", "steps", "tokens_per_param", "flops_convention",
+                "zero_stage", "world_size", "seed", "data_fingerprint", "git_commit", "run_hash", "train.lr"):
+        assert key in params, key
+    assert {"loss", "lr", "tokens", "flops", "tokens_per_s", "val_loss"} <= set(run.data.metrics)
+    assert run.data.tags["mlflow.parentRunId"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "model.pt", "result.json"} <= artifacts
+    again = isoflop("sweep", str(path))
+    assert again.returncode == 0 and "8 finished" in again.stdout and "0 to run" in again.stdout
+    assert_one_finished_run_per_point(mlflow_server, "mini-http", 8)
+
+
+@pytest.mark.slow
+def test_sigkilled_driver_loses_nothing_on_rerun(tmp_path):
+    train = {**TRAIN, "checkpoint_every": 20}
+    path = write_sweep(tmp_path, name="mini-kill", families=["mdm"], budgets=[4e9, 3e10], train=train)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    # wait until one point has finished and a longer one has written a checkpoint, then kill the driver
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        finished = []
+        if (tmp_path / "mlflow.db").exists():
+            try:
+                _, runs = child_runs(uri, "mini-kill")
+                finished = [r for r in runs if r.info.status == "FINISHED"]
+            except Exception:
+                pass
+        if finished and list((tmp_path / "ray").glob("runs/*/checkpoints/latest")):
+            break
+        time.sleep(1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    _, before = child_runs(uri, "mini-kill")
+    done_before = {r.data.tags["isoflop.run_hash"]: r.info.run_id for r in before if r.info.status == "FINISHED"}
+    assert done_before and len(done_before) < 4
+    time.sleep(5)  # let the orphaned Ray processes notice their driver is gone
+    proc = isoflop("sweep", str(path))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f"{len(done_before)} finished" in proc.stdout
+    client, runs = assert_one_finished_run_per_point(uri, "mini-kill", 4)
+    for run in runs:  # finished points were not retrained: same run, same end time
+        if run.data.tags["isoflop.run_hash"] in done_before:
+            assert run.info.run_id == done_before[run.data.tags["isoflop.run_hash"]]
+    resumed = [r for r in runs if "resumed at step" in (r.data.tags.get("isoflop.resumed") or "")]
+    assert resumed, "the interrupted point should continue from its checkpoint, not step 0"

@@ -1,0 +1,115 @@
+"""The trainer end to end on CPU: ZeRO stages, ranks, resume, learning, and the `isoflop train` command."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import RunSpec, TrainConfig
+from pipeline.data import synthetic
+from pipeline.train import Reporter, lr_at, train
+
+TINY = TrainConfig(seq_len=32, batch_size=8, lr=3e-3, warmup_min_steps=5, eval_samples=4, val_blocks=8,
+                   eval_batch_size=32, log_every=5, checkpoint_every=0, zero_stage=0)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return synthetic(tmp_path_factory.mktemp("data") / "synthetic", tokens=300_000, seed=0).path
+
+
+def spec_for(family: str, steps: int, **train) -> RunSpec:
+    cfg = TINY.with_overrides(train)
+    shape = "cpu-26k"
+    from pipeline.shapes import REGISTRY
+
+    budget = 6 * REGISTRY[shape].non_embedding_params() * cfg.batch_size * cfg.seq_len * steps
+    return RunSpec(family=family, shape=shape, budget=budget, train=cfg)
+
+
+class Recorder(Reporter):
+    def __init__(self):
+        self.rows = []
+
+    def metrics(self, rows):
+        self.rows += [dict(r) for r in rows]
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth():
+    cfg = TrainConfig(lr=1.0, warmup_fraction=0.0, warmup_min_steps=10)
+    lrs = [lr_at(s, 110, cfg) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(0.1)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(corpus, tmp_path):
+    spec = spec_for("mdm", 30, zero_stage=2)
+    whole, parts = Recorder(), Recorder()
+    full = train(spec, corpus, tmp_path / "whole", reporter=whole, verbose=False)
+    assert train(spec, corpus, tmp_path / "parts", reporter=parts, stop_at=12, verbose=False) is None
+    resumed = train(spec, corpus, tmp_path / "parts", reporter=parts, verbose=False)
+    assert resumed.resumed_from_step == 12
+    assert [r["step"] for r in parts.rows] == list(range(1, 31))
+    assert [r["loss"] for r in parts.rows] == [r["loss"] for r in whole.rows]  # bit for bit
+    assert resumed.val_loss == full.val_loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["arm", "mdm"])
+def test_tiny_models_learn_well_below_log_v(corpus, tmp_path, family):
+    from pipeline.data import load_dataset
+
+    info = load_dataset(corpus).info
+    spec = spec_for(family, 150, batch_size=16, seq_len=64)
+    result = train(spec, corpus, tmp_path, verbose=False)
+    assert result.val_loss < 0.8 * math.log(info.vocab_size), result
+    assert (tmp_path / "model.pt").exists() and json.loads((tmp_path / "result.json").read_text())["result"]["steps"] == 150
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers,zero", [(2, 2), (1, 3)])
+def test_train_command_ranks_and_zero_stages(corpus, tmp_path, workers, zero):
+    out = tmp_path / "run"
+    args = ["train", "--family", "arm", "--model", "{n_layer: 1, n_head: 2, d_model: 32}", "--flops", "1.5e9",
+            "--data", str(corpus), "--out", str(out), "--workers", str(workers), "--zero-stage", str(zero),
+            "--set", "seq_len=32", "--set", "batch_size=8", "--set", "warmup_min_steps=2", "--set", "val_blocks=4"]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"family", "params", "tokens", "flops", "steps", "val_loss"} <= set(result)
+    assert result["world_size"] == workers and result["steps"] == round(1.5e9 / (6 * result["params"] * 256))
+    assert "tok/s" in proc.stdout and "ETA" in proc.stdout
+    again = run_cli(*args)  # a finished run is not trained twice
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == result
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--family", "xdm"], "family"),
+    (["--model", "cpu-3k"], "unknown shape 'cpu-3k'"),
+    (["--model", "{n_layer: 1, n_head: 3, d_model: 32}"], "n_head=3 does not divide d_model=32"),
+    (["--flops", "1e3"], "below train.min_steps"),
+    (["--flops", "lots"], "--flops: expected a number"),
+    (["--set", "lr=-1"], "train.lr"),
+    (["--set", "batch_size=7", "--workers", "2"], "train.batch_size: 7 is not a multiple"),
+    (["--data", "/nonexistent/data"], "/nonexistent/data"),
+])
+def test_bad_train_input_fails_fast_with_a_named_field(corpus, tmp_path, args, message):
+    base = {"--family": "arm", "--model": "cpu-26k", "--flops": "1e10", "--data": str(corpus), "--out": str(tmp_path / "o")}
+    extra = []
+    for flag, value in zip(args[::2], args[1::2]):
+        if flag in base:
+            base[flag] = value
+        else:
+            extra += [flag, value]
+    proc = run_cli("train", *[x for kv in base.items() for x in kv], "--set", "seq_len=32", "--set", "batch_size=8", *extra,
+                   timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3, proc.stderr
+    assert not (tmp_path / "o").exists()
