@@ -122,12 +122,6 @@ def cmd_ui(args) -> int:
                             "--host", "127.0.0.1", "--port", str(args.port)])
 
 
-def cmd_analyze(args) -> int:
-    from analysis.cli import run
-
-    return run(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="isoflop", description="IsoFLOP scaling studies of MDM and ARM language models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,14 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
 
-    from analysis.cli import configure_parser
-
-    configure_parser(sub.add_parser("analyze", help="fit scaling laws and the compute gap; plots and report"))
-    sub.choices["analyze"].set_defaults(func=cmd_analyze)
+    # `analyze` belongs to the analysis package, which parses its own arguments (see main)
+    sub.add_parser("analyze", add_help=False, help="fit scaling laws and the compute gap; plots and report")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["analyze"]:
+        from analysis.cli import main as analyze
+
+        return analyze(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -84,11 +84,11 @@ def expand_grid(sweep: SweepConfig, vocab_size: int, data_fingerprint: str = "")
 
 
 def format_grid(points: list[GridPoint]) -> str:
-    header = f"{'family':<7}{'budget':>10}  {'model':<22}{'N':>12}{'D (tokens)':>14}{'steps':>8}{'D/N':>8}"
+    header = f"{'family':<7}{'budget':>10}  {'model':<14}{'N':>15}{'D (tokens)':>18}{'steps':>9}{'D/N':>8}"
     lines = [header, "-" * len(header)]
     for p in points:
         s = p.spec
         n = s.shape.non_embedding_params()
-        lines.append(f"{s.family:<7}{s.budget:>10.3g}  {s.shape.label:<22}{n:>12,}{p.plan.tokens:>14,}"
-                     f"{p.plan.steps:>8}{p.plan.tokens / n:>8.1f}")
+        lines.append(f"{s.family:<7}{s.budget:>10.3g}  {s.shape.label:<14}{n:>15,}{p.plan.tokens:>18,}"
+                     f"{p.plan.steps:>9}{p.plan.tokens / n:>8.1f}")
     return "\n".join(lines)

@@ -100,14 +100,14 @@ def resolve_shape(spec: str | dict | Shape) -> Shape:
             return REGISTRY[spec]
         parsed = yaml.safe_load(spec) if spec.lstrip().startswith("{") else None
         if not isinstance(parsed, dict):
-            raise ValueError(f"model: unknown shape {spec!r}{_did_you_mean(spec)}; see `isoflop models`")
+            raise ValueError(f"unknown shape {spec!r}{_did_you_mean(spec)}; see `isoflop models`")
         spec = parsed
     if not isinstance(spec, dict):
-        raise ValueError(f"model: expected a shape name or mapping, got {spec!r}")
+        raise ValueError(f"expected a shape name or mapping, got {spec!r}")
     unknown = set(spec) - {"n_layer", "n_head", "d_model", "d_ff", "name"}
     missing = {"n_layer", "n_head", "d_model"} - set(spec)
     if unknown or missing:
-        raise ValueError(f"model: inline shape {spec!r} "
+        raise ValueError(f"inline shape {spec!r} "
                          + (f"has unknown keys {sorted(unknown)}" if unknown else f"lacks {sorted(missing)}"))
     d_model = spec["d_model"]
     return Shape(spec["n_layer"], spec["n_head"], d_model, spec.get("d_ff", 4 * d_model if isinstance(d_model, int) else d_model),

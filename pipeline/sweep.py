@@ -18,7 +18,9 @@ from pipeline.grid import GridPoint, SweepError, expand_grid, format_grid, load_
 from pipeline.train import Diverged, Reporter, plan_run, train
 from pipeline import tracking
 
-TRIAL_CPU = 0.001  # what a Tune trial that drives a Ray Train worker group holds for itself
+# A trial that drives a Ray Train worker group only waits, so it holds no CPU (which would keep a 2-worker
+# trial off a 2-core machine); Tune needs it to hold something, so it holds a little memory.
+DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 2**20}
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ def plan_sweep(path: str | Path, tracking_uri: str | None = None, *, dry_run: bo
     errors: list[str] = []
     data_dir = Path(sweep.data.path)
     vocab, fingerprint = sweep.data.vocab_size, ""
-    if not (data_dir / "meta.json").exists() and sweep.data.synthetic and not dry_run:
+    if not (data_dir / "meta.json").exists() and sweep.data.synthetic:  # seconds; the grid needs its vocab
         synthetic(data_dir, tokens=sweep.data.synthetic.tokens, seed=sweep.data.synthetic.seed)
     try:
         info = load_dataset(data_dir).info
@@ -91,14 +93,12 @@ def trial_resources(resources: Resources) -> dict:
     """What Tune reserves for a trial: all of a one-worker point, else just the driver of its worker group."""
     if resources.workers_per_trial == 1:
         return {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker}
-    return {"cpu": TRIAL_CPU}
+    return DRIVER_RESOURCES
 
 
 def trials_that_fit(resources: Resources, cluster: dict) -> int:
     """How many trials the cluster holds at once (Tune cannot see Train's placement groups)."""
     cpus = resources.workers_per_trial * resources.cpus_per_worker
-    if resources.workers_per_trial > 1:
-        cpus += TRIAL_CPU
     limit = math.floor(cluster.get("CPU", 0) / cpus)
     if resources.gpus_per_worker:
         limit = min(limit, math.floor(cluster.get("GPU", 0) / (resources.workers_per_trial * resources.gpus_per_worker)))
@@ -213,10 +213,12 @@ def run_trial(config: dict, context: SweepContext) -> None:
             run_config=ray.train.RunConfig(name=spec.run_hash, storage_path=context.storage,
                                            failure_config=ray.train.FailureConfig(max_failures=res.max_failures)))
         try:
-            outcome = trainer.fit().metrics
+            trainer.fit()
         except Exception as err:
             tracking.RunLogger(context.tracking_uri, context.experiment_id, spec).fail(f"{type(err).__name__}: {err}")
             raise
+        status, reason = tracking.run_status(MlflowClient(context.tracking_uri), context.experiment_id, spec.run_hash)
+        outcome = {"status": "finished" if status == tracking.FINISHED else reason.split(":")[0] or "failed"}
     tune.report(outcome)
 
 
@@ -230,7 +232,7 @@ def train_worker(config: dict) -> None:
     import torch
 
     torch.set_num_threads(max(1, int(context.resources.cpus_per_worker)))
-    ray.train.report(train_point(RunSpec(**config["spec"]), context))
+    train_point(RunSpec(**config["spec"]), context)
 
 
 class MlflowReporter(Reporter):
@@ -264,7 +266,7 @@ def train_point(spec: RunSpec, context: SweepContext) -> dict:
         return {"status": "diverged"}
     if logger:
         logger.finish(asdict(result), [out / "model.pt", out / "result.json"])
-    return {"status": "finished", "val_loss": result.val_loss}
+    return {"status": "finished"}
 
 
 class SweepProgress(tune.Callback):

@@ -173,3 +173,28 @@ def test_sigkilled_driver_loses_nothing_on_rerun(tmp_path):
             assert run.info.run_id == done_before[run.data.tags["isoflop.run_hash"]]
     resumed = [r for r in runs if "resumed at step" in (r.data.tags.get("isoflop.resumed") or "")]
     assert resumed, "the interrupted point should continue from its checkpoint, not step 0"
+
+
+@pytest.mark.slow
+def test_killed_worker_is_restarted_from_its_checkpoint(tmp_path):
+    """A two-rank ZeRO-2 point under Ray Train: SIGKILL one rank mid-run; Train's FailureConfig restarts the group."""
+    train = {**TRAIN, "zero_stage": 2, "checkpoint_every": 20, "log_every": 10}
+    path = write_sweep(tmp_path, name="mini-worker", families=["arm"], budgets=[3e10], models=["cpu-26k"], train=train,
+                       resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_failures": 2})
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    killed = False
+    deadline = time.time() + 600
+    while time.time() < deadline and driver.poll() is None and not killed:
+        if list((tmp_path / "ray").glob("runs/*/checkpoints/latest")):
+            workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+            if workers:
+                os.kill(int(workers[-1]), signal.SIGKILL)
+                killed = True
+        time.sleep(0.5)
+    output, _ = driver.communicate(timeout=600)
+    assert killed, "no checkpoint was written before the run ended"
+    assert driver.returncode == 0, output[-4000:]
+    _, runs = assert_one_finished_run_per_point(f"sqlite:///{tmp_path}/mlflow.db", "mini-worker", 1)
+    assert runs[0].data.params["world_size"] == "2"
+    assert "resumed at step" in runs[0].data.tags.get("isoflop.resumed", "")
