@@ -1,0 +1,124 @@
+"""`isoflop analyze`: runs table (file or MLflow) -> fits.json, report.md and figures in --out."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.bootstrap import DEFAULT_RESAMPLES
+from analysis.plots import plot_all
+from analysis.report import write_fits, write_report
+from analysis.runs import RunsError, clean, conform, from_mlflow, parse_map, read_table, write_table
+from analysis.study import Settings, analyze
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--runs", metavar="FILE", help="runs table, .csv or .parquet")
+    source.add_argument("--experiment", metavar="NAME", help="read the runs of this MLflow experiment")
+    parser.add_argument("--tracking-uri", metavar="URI", default=None,
+                        help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
+    parser.add_argument("--map", action="append", metavar="COLUMN=NAME", default=[],
+                        help="read schema column COLUMN from the table's column NAME, e.g. loss=val_loss (repeatable)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for fits.json, report.md and figures")
+    parser.add_argument("--reference", default="arm", help="family the compute gap is measured against (default arm)")
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES, metavar="R",
+                        help=f"bootstrap resamples (default {DEFAULT_RESAMPLES}; 0 for no intervals)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--budget-tolerance", type=float, default=0.1, metavar="FRACTION",
+                        help="budgets closer than this (relative) share an IsoFLOP curve (default 0.1)")
+    parser.add_argument("--huber-delta", type=float, default=1e-3, metavar="DELTA",
+                        help="Huber delta of the Chinchilla fit, on ln L (default 1e-3)")
+    parser.add_argument("--holdout-largest", action="store_true",
+                        help="also fit without the largest budget and predict its optimum")
+    parser.add_argument("--gap-at", default=None, metavar="L1,L2,...",
+                        help="losses at which to report the compute gap (default: middle of the shared range)")
+    parser.add_argument("--entropy-rate", type=float, default=None, metavar="NATS",
+                        help="known entropy rate of the corpus (nats/token), compared with the fitted E")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args)
+        table, source, notes = _load(args)
+    except RunsError as err:
+        print(f"isoflop analyze: error: {err}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"note: {note}")
+    if settings.entropy_rate is None and "entropy_rate_nats" in table.columns:
+        rates = table["entropy_rate_nats"].dropna().unique()
+        if len(rates) == 1:
+            settings = replace(settings, entropy_rate=float(rates[0]))
+        elif len(rates) > 1:
+            notes.append(f"entropy_rate_nats takes {len(rates)} different values in the table; not used")
+
+    start = time.perf_counter()
+    study = analyze(table, settings)
+    study.notes[:0] = notes
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_table(table, out / "runs.csv")
+    figures = plot_all(study, out)
+    fits = write_fits(study, source, out / "fits.json")
+    write_report(study, fits, figures, out / "report.md")
+    gap = fits["compute_gap"]
+    if gap:
+        for point in gap["at"]:
+            value = "n/a" if point["gap"] is None else f"{point['gap']:.3g}x"
+            print(f"compute gap {gap['other']}/{gap['reference']} ({gap['frontier']}) at L = {point['loss']:.4g}: {value}")
+    print(f"analysis done in {time.perf_counter() - start:.1f} s")
+    print(f"wrote {out / 'fits.json'}, {out / 'report.md'} and {len(figures)} figures (PNG + PDF) in {out}/")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.cli", description=__doc__)
+    configure_parser(parser)
+    return run(parser.parse_args(argv))
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    if args.bootstrap < 0:
+        raise RunsError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if not 0 <= args.budget_tolerance < 1:
+        raise RunsError(f"--budget-tolerance must be in [0, 1), got {args.budget_tolerance}")
+    if not args.huber_delta > 0:
+        raise RunsError(f"--huber-delta must be > 0, got {args.huber_delta}")
+    if args.entropy_rate is not None and not args.entropy_rate >= 0:
+        raise RunsError(f"--entropy-rate must be >= 0 nats/token, got {args.entropy_rate}")
+    gap_at: tuple[float, ...] = ()
+    if args.gap_at:
+        try:
+            gap_at = tuple(float(v) for v in args.gap_at.split(",") if v.strip())
+        except ValueError:
+            raise RunsError(f"--gap-at expects comma-separated losses such as 2.5,3.0, got {args.gap_at!r}") from None
+        if any(not v > 0 for v in gap_at):
+            raise RunsError(f"--gap-at losses must be positive, got {args.gap_at!r}")
+    return Settings(reference=args.reference.strip().lower(), bootstrap=args.bootstrap, seed=args.seed,
+                    budget_tolerance=args.budget_tolerance, huber_delta=args.huber_delta, gap_at=gap_at,
+                    entropy_rate=args.entropy_rate, holdout_largest=args.holdout_largest)
+
+
+def _load(args: argparse.Namespace) -> tuple[pd.DataFrame, dict, list[str]]:
+    mapping = parse_map(args.map)
+    if args.runs:
+        raw, source = read_table(args.runs), {"source": str(args.runs)}
+    else:
+        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        raw = from_mlflow(args.experiment, uri, finished_only=False)  # clean() names the unfinished ones
+        source = {"source": f"MLflow experiment {args.experiment} at {uri}"}
+    table, notes = clean(conform(raw, mapping))
+    source.update(n_rows=len(raw), n_runs=len(table), families=sorted(table["family"].unique()))
+    return table, source, notes
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""Figures of a study, each written as PNG and PDF. ARM and MDM always get the same colours.
+
+Figures are built on matplotlib's object API (no pyplot, no global backend or style change), so they
+render with Agg when saved, from a script or inside a notebook alike.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullLocator
+
+from analysis.bootstrap import interval
+from analysis.study import Study
+
+FAMILY_COLOURS = {"arm": "#1f5fa8", "mdm": "#c8402a"}
+OTHER_COLOURS = ["#2a9d4b", "#8e44ad", "#d08c00", "#555555", "#17becf"]
+BUDGET_CMAP = "viridis"
+KIND_TITLES = {"power_law": "on IsoFLOP power-law frontiers $L^* = k\\,C^{\\gamma}$",
+               "saturating": "on Chinchilla-law frontiers $L^* = E + K\\,C^{-\\gamma}$"}
+STYLE = {"figure.dpi": 110, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.3,
+         "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False, "font.size": 9}
+
+
+def family_colour(name: str, order: list[str]) -> str:
+    if name in FAMILY_COLOURS:
+        return FAMILY_COLOURS[name]
+    others = [f for f in order if f not in FAMILY_COLOURS]
+    return OTHER_COLOURS[others.index(name) % len(OTHER_COLOURS)] if name in others else OTHER_COLOURS[0]
+
+
+def render(name: str, study: Study, out: Path) -> list[Path]:
+    """Draw one figure and write it as out/name.png and out/name.pdf; [] when the study lacks its data."""
+    with matplotlib.rc_context(STYLE):
+        fig = FIGURES[name](study)
+        if fig is None:
+            return []
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [out / f"{name}.png", out / f"{name}.pdf"]
+        for path in paths:
+            fig.savefig(path, bbox_inches="tight")
+    return paths
+
+
+def plot_all(study: Study, out: Path) -> dict[str, list[Path]]:
+    """Every figure the study has data for: name -> [png, pdf]."""
+    return {name: paths for name in FIGURES if (paths := render(name, study, out))}
+
+
+def isoflop_curves(study: Study):
+    fams = list(study.families.values())
+    fig = Figure(figsize=(5.2 * len(fams), 4.2))
+    axes = fig.subplots(1, len(fams), squeeze=False)
+    norm = _budget_norm(study)
+    for ax, fam in zip(axes[0], fams):
+        runs = fam.runs
+        cmap = matplotlib.colormaps[BUDGET_CMAP]
+        for k, bucket in enumerate(fam.isoflop.buckets):
+            colour = cmap(norm(bucket.budget))
+            sel = runs[runs["bucket"] == k]
+            ax.scatter(sel["params"], sel["loss"], s=16, color=colour, alpha=0.8, zorder=3,
+                       label=f"C = {bucket.budget:.3g}")
+            if bucket.parabola is None:
+                continue
+            n = np.geomspace(bucket.n_range[0] / 1.3, bucket.n_range[1] * 1.3, 100)
+            q0, q1, q2 = bucket.parabola
+            ax.plot(n, q0 + q1 * np.log(n) + q2 * np.log(n) ** 2, color=colour, lw=1.2)
+            if bucket.edge:
+                ax.scatter([bucket.n_opt], [bucket.l_opt], marker="x", s=50, color="k", zorder=4)
+            else:
+                xerr = _err(bucket.n_opt, bucket.n_opt_ci)
+                ax.errorbar([bucket.n_opt], [bucket.l_opt], xerr=xerr, fmt="*", ms=11, color=colour,
+                            mec="k", mew=0.6, ecolor="k", elinewidth=0.8, capsize=2, zorder=5)
+        lo, hi = runs["loss"].min(), runs["loss"].max()
+        ax.set_ylim(lo - 0.08 * (hi - lo), hi + 0.08 * (hi - lo))  # edge parabolas may run off; keep the data in view
+        ax.set_xscale("log")
+        ax.set_xlabel("non-embedding parameters N")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title(f"{fam.name}: IsoFLOP curves", color=family_colour(fam.name, list(study.families)))
+    legend = {}
+    for ax in axes[0]:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    legend["optimum N* (95% CI)"] = Line2D([], [], marker="*", ls="", color="grey", mec="k", ms=10)
+    if any(b.edge for fam in fams for b in fam.isoflop.buckets):
+        legend["edge optimum (excluded)"] = Line2D([], [], marker="x", ls="", color="k")
+    fig.tight_layout()
+    fig.legend(legend.values(), legend.keys(), title="budget (FLOPs)", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return fig
+
+
+def frontiers(study: Study):
+    fams = [f for f in study.families.values() if f.frontiers]
+    if not fams:
+        return None
+    fig = Figure(figsize=(6.4, 4.6))
+    ax = fig.subplots()
+    order = list(study.families)
+    c_lo = min(f.runs["budget"].min() for f in fams) / 1.5
+    c_hi = max(f.runs["budget"].max() for f in fams) * 1.5
+    gap = next(iter(study.gaps), None)
+    if gap is not None and gap.at and gap.at[0].gap is not None:
+        ref = study.families[gap.reference].frontiers[gap.kind]
+        c_ref = float(np.exp(ref.log_compute(gap.at[0].loss)))
+        c_lo, c_hi = min(c_lo, c_ref / 1.5), max(c_hi, c_ref * gap.at[0].gap * 1.5)
+    budgets = np.geomspace(c_lo, c_hi, 200)
+    for fam in fams:
+        colour = family_colour(fam.name, order)
+        ok = [b for b in fam.isoflop.buckets if b.usable]
+        if ok:
+            yerr = np.hstack([_err(b.l_opt, b.l_opt_ci) for b in ok])
+            ax.errorbar([b.budget for b in ok], [b.l_opt for b in ok], yerr=yerr, fmt="o", ms=5, color=colour,
+                        capsize=2, label=f"{fam.name}: IsoFLOP optima L*")
+        _edge_markers(ax, fam, "l_opt", colour)
+        for kind, style in (("power_law", "-"), ("saturating", ":")):
+            if kind not in fam.frontiers:
+                continue
+            fr = fam.frontiers[kind]
+            inside = (budgets >= fr.budget_range[0]) & (budgets <= fr.budget_range[1])
+            law = f"{_num(fr.K)}\\,C^{{{-fr.gamma:.3f}}}"
+            label = (f"{fam.name}: $L^* = {law}$" if kind == "power_law"
+                     else f"{fam.name}: $L^* = {fr.E:.3g} + {law}$")
+            ax.plot(budgets[inside], fr.loss(budgets[inside]), style, color=colour, lw=1.6, label=label)
+            ax.plot(budgets, fr.loss(budgets), style, color=colour, lw=0.9, alpha=0.45)
+    if gap is not None and gap.at and gap.at[0].gap is not None:
+        point = gap.at[0]
+        ref = study.families[gap.reference].frontiers[gap.kind]
+        c_ref = float(np.exp(ref.log_compute(point.loss)))
+        ax.annotate("", xy=(c_ref * point.gap, point.loss), xytext=(c_ref, point.loss),
+                    arrowprops={"arrowstyle": "<->", "color": "k", "lw": 1.0})
+        ax.text(np.sqrt(c_ref * c_ref * point.gap), point.loss, f"{gap.other} needs {point.gap:.3g}× the {gap.reference}'s\ncompute at L = {point.loss:.3g}",
+                ha="center", va="bottom", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _plain_log_y(ax)
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_ylabel("compute-optimal loss L* (nats/token)")
+    ax.set_title("Compute-optimal frontiers (thin: extrapolated)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def optimal_allocation(study: Study):
+    fams = [f for f in study.families.values() if f.n_opt]
+    if not fams:
+        return None
+    fig = Figure(figsize=(10, 4.2))
+    axes = fig.subplots(1, 2)
+    order = list(study.families)
+    for fam in fams:
+        colour = family_colour(fam.name, order)
+        c = np.geomspace(fam.runs["budget"].min() / 1.2, fam.runs["budget"].max() * 1.2, 100)
+        ok = [b for b in fam.isoflop.buckets if b.usable]
+        for ax, attr, law_name in ((axes[0], "n_opt", "n_opt_law"), (axes[1], "d_opt", "d_opt_law")):
+            if ok:
+                values = [getattr(b, attr) for b in ok]
+                yerr = np.hstack([_err(getattr(b, attr), getattr(b, attr + "_ci")) for b in ok])
+                ax.errorbar([b.budget for b in ok], values, yerr=yerr, fmt="o", ms=5, color=colour, capsize=2)
+            _edge_markers(ax, fam, attr, colour)
+            law = getattr(fam.isoflop, law_name)
+            if law is not None:
+                ax.plot(c, law(c), "-", color=colour, lw=1.5,
+                        label=f"{fam.name}: ${_num(law.coef)}\\,C^{{{law.exponent:.3f}}}$ (IsoFLOP fits)")
+                draws = fam.isoflop.draws.get(attr)
+                if draws is not None and len(draws):
+                    lo, hi = interval(np.exp(draws[:, :1] + draws[:, 1:] * np.log(c)))
+                    ax.fill_between(c, lo, hi, color=colour, alpha=0.15, lw=0)
+            if fam.parametric is not None:
+                log_n, a, log_d, b = fam.parametric.law.allocation()
+                coef, exponent = (log_n, a) if attr == "n_opt" else (log_d, b)
+                ax.plot(c, np.exp(coef) * c ** exponent, ":", color=colour, lw=1.5,
+                        label=f"{fam.name}: ${_num(np.exp(coef))}\\,C^{{{exponent:.3f}}}$ (Chinchilla law)")
+    for ax, what in zip(axes, ("optimal size N* (non-embedding parameters)", "optimal data D* (tokens)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training compute C (FLOPs)")
+        ax.set_ylabel(what)
+        ax.legend(fontsize=7)
+    axes[0].set_title("N*(C): points with 95% CI, bands = bootstrap 95%")
+    axes[1].set_title("D*(C)")
+    fig.tight_layout()
+    return fig
+
+
+def compute_gap(study: Study):
+    if not study.gaps:
+        return None
+    kinds = [k for k in ("power_law", "saturating") if any(g.kind == k for g in study.gaps)]
+    fig = Figure(figsize=(5.4 * len(kinds), 4.2))
+    axes = fig.subplots(1, len(kinds), squeeze=False, sharey=True)
+    order = list(study.families)
+    for ax, kind in zip(axes[0], kinds):
+        for gap in (g for g in study.gaps if g.kind == kind):
+            colour = family_colour(gap.other, order)
+            loss = np.array([p.loss for p in gap.curve])
+            value, lo, hi = (np.array([np.nan if v is None else v for v in (getattr(p, f) for p in gap.curve)])
+                             for f in ("gap", "lo", "hi"))
+            inside = ~np.array([p.extrapolated for p in gap.curve])
+            ax.fill_between(loss, lo, hi, color=colour, alpha=0.15, lw=0, label="bootstrap 95% band")
+            if inside.any():
+                lo_in, hi_in = loss[inside].min(), loss[inside].max()
+                ax.axvspan(lo_in, max(hi_in, lo_in + 0.005 * np.ptp(loss)), color="0.8", alpha=0.5, lw=0,
+                           label=f"losses both {gap.other} and {gap.reference} reach")
+                ax.plot(loss, np.where(inside, value, np.nan), "-", color=colour, lw=1.8,
+                        label=f"{gap.other} / {gap.reference}, both frontiers measured")
+            ax.plot(loss, value, "--", color=colour, lw=1.0, alpha=0.7,
+                    label=f"{gap.other} / {gap.reference}, a frontier extrapolated")
+            for p in gap.at:
+                if p.gap is not None:
+                    ax.errorbar([p.loss], [p.gap], yerr=_err(p.gap, (p.lo, p.hi)),
+                                fmt="o", color=colour, mec="k", capsize=3, zorder=4)
+                    ax.annotate(f"{p.gap:.3g}×", (p.loss, p.gap), textcoords="offset points", xytext=(6, 6),
+                                fontsize=8)
+        ax.set_yscale("log")
+        _plain_log_y(ax)
+        ax.set_xlabel("loss L (nats/token)")
+        ax.set_title(f"compute gap {KIND_TITLES[kind]}", fontsize=9)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("compute gap m(L) = C_other(L) / C_ref(L)")
+    fig.tight_layout()
+    return fig
+
+
+def parametric_residuals(study: Study):
+    fams = [f for f in study.families.values() if f.parametric is not None]
+    if not fams:
+        return None
+    fig = Figure(figsize=(5.2 * len(fams), 3.8))
+    axes = fig.subplots(1, len(fams), squeeze=False, sharey=True)
+    norm = _budget_norm(study)
+    for ax, fam in zip(axes[0], fams):
+        r = 100 * fam.parametric.residuals(*(fam.runs[c].to_numpy(float) for c in ("params", "tokens", "loss")))
+        points = ax.scatter(fam.runs["params"], r, c=fam.runs["budget"], cmap=BUDGET_CMAP, norm=norm, s=16)
+        ax.axhline(0, color="k", lw=0.8)
+        delta = 100 * fam.parametric.delta
+        ax.axhspan(-delta, delta, color="grey", alpha=0.25, lw=0)
+        ax.set_xscale("log")
+        ax.set_xlabel("non-embedding parameters N")
+        ax.set_title(f"{fam.name}: Chinchilla-law residuals", color=family_colour(fam.name, list(study.families)))
+        ax.text(0.02, 0.03, f"grey band: ±Huber δ ({fam.parametric.delta:g})", transform=ax.transAxes, fontsize=7,
+                color="0.35")
+    axes[0][0].set_ylabel("residual ln(L / L̂) (%)")
+    fig.colorbar(points, ax=axes[0].tolist(), label="budget C (FLOPs)")
+    return fig
+
+
+FIGURES = {"isoflop_curves": isoflop_curves, "frontiers": frontiers, "optimal_allocation": optimal_allocation,
+           "compute_gap": compute_gap, "parametric_residuals": parametric_residuals}
+
+
+def _edge_markers(ax, fam, attr: str, colour: str) -> None:
+    """Edge optima, shown but left out of the fits."""
+    edge = [b for b in fam.isoflop.buckets if b.edge]
+    if edge:
+        ax.scatter([b.budget for b in edge], [getattr(b, attr) for b in edge], marker="x", s=40, color=colour,
+                   label=f"{fam.name}: edge optimum (excluded)", zorder=4)
+
+
+def _num(x: float) -> str:
+    """3 significant figures as mathtext: 3.34e+03 -> 3.34\\times10^{3}."""
+    mantissa, _, exponent = f"{x:.3g}".partition("e")
+    return f"{mantissa}\\times10^{{{int(exponent)}}}" if exponent else mantissa
+
+
+def _budget_norm(study: Study) -> LogNorm:
+    budgets = np.concatenate([f.budgets for f in study.families.values()])
+    lo, hi = budgets.min(), budgets.max()
+    return LogNorm(lo / 1.01, hi * 1.01) if hi > lo else LogNorm(lo / 2, hi * 2)
+
+
+def _err(value, ci) -> np.ndarray:
+    """Error-bar lengths [[below], [above]] from an interval; zero where there is none."""
+    if ci is None or ci[0] is None or ci[1] is None:
+        return np.zeros((2, 1))
+    return np.array([[max(value - ci[0], 0.0)], [max(ci[1] - value, 0.0)]])
+
+
+def _plain_log_y(ax) -> None:
+    """Loss and gap axes span about a decade or less: label them in plain numbers, not powers of ten.
+
+    Call after plotting: the ticks are chosen for the final limits.
+    """
+    lo, hi = ax.get_ylim()
+    if hi / lo < 5:
+        ticks = MaxNLocator(nbins=9, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+        ax.yaxis.set_major_locator(FixedLocator([t for t in ticks if lo <= t <= hi]))
+    else:
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.set_ylim(lo, hi)

@@ -1,0 +1,254 @@
+"""fits.json (every fitted number, with intervals; valid JSON, null for missing) and report.md."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from analysis.bootstrap import LEVEL, interval
+from analysis.frontier import ComputeGap, Frontier, GapPoint
+from analysis.isoflop import BucketOptimum, PowerLaw
+from analysis.parametric import NAMES, ChinchillaLaw, ParametricFit
+from analysis.study import FamilyResult, Study
+
+SCHEMA_VERSION = 1
+
+
+# ---------------------------------------------------------------- fits.json
+def fits_dict(study: Study, source: dict) -> dict:
+    s = study.settings
+    gaps = [_gap(g) for g in study.gaps]
+    return _clean({
+        "schema_version": SCHEMA_VERSION,
+        "input": source,
+        "settings": {"reference": s.reference, "bootstrap": s.bootstrap, "seed": s.seed, "interval": LEVEL,
+                     "budget_tolerance": s.budget_tolerance, "huber_delta": s.huber_delta,
+                     "holdout_largest": s.holdout_largest},
+        "entropy_rate_nats": s.entropy_rate,
+        "families": {name: _family(fam, s.entropy_rate) for name, fam in study.families.items()},
+        "compute_gap": gaps[0] if gaps else None,
+        "compute_gaps": gaps,
+        "holdout": [vars(h) for h in study.holdout],
+        "notes": study.notes,
+    })
+
+
+def write_fits(study: Study, source: dict, path: Path) -> dict:
+    fits = fits_dict(study, source)
+    path.write_text(json.dumps(fits, indent=2, allow_nan=False) + "\n")
+    return fits
+
+
+def _family(fam: FamilyResult, entropy: float | None) -> dict:
+    iso = fam.isoflop
+    return {
+        "n_runs": len(fam.runs),
+        "isoflop": {
+            "applicable": iso.applicable,
+            "budgets": [_bucket(b) for b in iso.buckets],
+            "n_opt_law": _law(iso.n_opt_law), "d_opt_law": _law(iso.d_opt_law), "l_opt_law": _law(iso.l_opt_law),
+            "failed_resamples": iso.failed_resamples,
+        },
+        "parametric": _parametric(fam.parametric, entropy) if fam.parametric else None,
+        "frontiers": {kind: _frontier(fr) for kind, fr in fam.frontiers.items()},
+    }
+
+
+def _bucket(b: BucketOptimum) -> dict:
+    return {"budget": b.budget, "n_runs": b.n_runs, "n_sizes": b.n_sizes, "n_range": b.n_range,
+            "n_opt": b.n_opt, "d_opt": b.d_opt, "l_opt": b.l_opt, "tokens_per_param": b.tokens_per_param,
+            "edge": b.edge, "note": b.note,
+            "ci": {"n_opt": b.n_opt_ci, "d_opt": b.d_opt_ci, "l_opt": b.l_opt_ci,
+                   "tokens_per_param": b.tokens_per_param_ci}}
+
+
+def _law(law: PowerLaw | None) -> dict | None:
+    if law is None:
+        return None
+    return {"coef": law.coef, "exponent": law.exponent, "n_points": law.n_points,
+            "ci": {"coef": law.coef_ci, "exponent": law.exponent_ci}}
+
+
+def _parametric(fit: ParametricFit, entropy: float | None) -> dict:
+    law = fit.law
+    out = {k: getattr(law, k) for k in NAMES}
+    out["ci"] = fit.ci
+    log_n, a, log_d, b = law.allocation()
+    draws = [ChinchillaLaw(*row).allocation() if np.all(np.isfinite(row)) else (np.nan,) * 4 for row in fit.draws]
+    draws = np.array(draws, dtype=float).reshape(-1, 4)
+
+    def alloc(i: int, coef: float, exponent: float) -> dict:
+        ci = interval(draws[:, [i, i + 1]]) if len(draws) else np.full((2, 2), np.nan)
+        return {"coef": math.exp(coef), "exponent": exponent,
+                "ci": {"coef": np.exp(ci[:, 0]).tolist(), "exponent": ci[:, 1].tolist()}}
+
+    out.update({
+        "huber_delta": fit.delta, "objective": fit.objective, "grid_edge": fit.grid_edge,
+        "allocation": {"n_opt": alloc(0, log_n, a), "d_opt": alloc(2, log_d, b),
+                       "convention": "C = 6ND"},
+        "frontier": {"E": law.E, "K": law.frontier_k(), "gamma": law.gamma},
+    })
+    if entropy is not None:
+        e_draws = fit.draws[:, 0] - entropy if len(fit.draws) else np.empty(0)
+        out["E_minus_entropy_rate"] = {"value": law.E - entropy,
+                                       "ci": interval(e_draws).tolist() if len(e_draws) else None}
+    return out
+
+
+def _frontier(fr: Frontier) -> dict:
+    return {"kind": fr.kind, "E": fr.E, "K": fr.K, "gamma": fr.gamma, "ci": fr.ci(),
+            "budget_range": fr.budget_range, "loss_range": fr.loss_range}
+
+
+def _gap(g: ComputeGap) -> dict:
+    return {"reference": g.reference, "other": g.other, "frontier": g.kind,
+            "curve": [vars(p) for p in g.curve], "at": [vars(p) for p in g.at],
+            "n_opt_ratio": [vars(p) for p in g.n_ratio]}
+
+
+def _clean(value):
+    """numpy -> Python, tuples -> lists, NaN/inf -> None, so the file is strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+# ---------------------------------------------------------------- report.md
+def write_report(study: Study, fits: dict, figures: dict[str, list[Path]], path: Path) -> None:
+    path.write_text("\n".join(_report_lines(study, fits, figures)) + "\n")
+
+
+def _report_lines(study: Study, fits: dict, figures: dict[str, list[Path]]) -> list[str]:
+    s = study.settings
+    src = fits["input"]
+    pct = f"{LEVEL:.0%}"
+    lines = ["# IsoFLOP scaling analysis", "",
+             f"Input: {src.get('source')} ({src.get('n_runs')} usable runs; families: {', '.join(study.families)}). "
+             f"Intervals are {pct} percentile bootstrap intervals over {s.bootstrap} resamples (seed {s.seed}): "
+             "Approach 2 resamples the parabolas' residuals over the runs (a curve's model sizes are a design, "
+             "kept fixed), Approach 3 resamples runs within each budget. "
+             f"Budgets within {s.budget_tolerance:.0%} of each other form one IsoFLOP curve. "
+             "Losses are validation nats/token; N counts non-embedding parameters.", ""]
+    if "mdm" in study.families:
+        lines += ["Note: the MDM loss is an upper bound on its NLL (the ELBO), compared here directly with the ARM's "
+                  "cross-entropy, as in the paper.", ""]
+    if study.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in study.notes] + [""]
+
+    for name, fam in study.families.items():
+        lines += _family_lines(name, fam, fits["families"][name], s.entropy_rate)
+    lines += _gap_lines(study)
+    if study.holdout:
+        lines += ["## Extrapolation check (--holdout-largest)", "",
+                  "Fitted without the largest budget; predicted vs measured optimum at that budget.", "",
+                  "| family | C | method | L* predicted | L* measured | N* predicted | N* measured | measured from |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for h in study.holdout:
+            lines.append(f"| {h.family} | {_f(h.budget)} | {h.method} | {_v(h.predicted_l, h.predicted_l_ci)} | "
+                         f"{_v(h.measured_l, h.measured_l_ci)} | {_v(h.predicted_n, h.predicted_n_ci)} | "
+                         f"{_v(h.measured_n, h.measured_n_ci)} | {h.measured_from} |")
+        lines.append("")
+    if figures:
+        lines += ["## Figures", ""]
+        for name, paths in figures.items():
+            lines += [f"![{name}]({paths[0].name})", f"({paths[1].name})", ""]
+    return lines
+
+
+def _family_lines(name: str, fam: FamilyResult, fj: dict, entropy: float | None) -> list[str]:
+    iso = fam.isoflop
+    lines = [f"## {name}", "", f"{len(fam.runs)} runs at {len(fam.budgets)} budget(s).", "",
+             "### Approach 2: IsoFLOP parabolas", ""]
+    if not iso.applicable:
+        lines += ["Not applicable: no budget has enough model sizes for a parabola (see notes).", ""]
+    else:
+        lines += ["| C (FLOPs) | runs | sizes | N* | D* (tokens) | D*/N* | L* | edge |", "|---|---|---|---|---|---|---|---|"]
+        for b in iso.buckets:
+            edge = "yes: " + b.note if b.edge else (b.note or "no")
+            lines.append(f"| {_f(b.budget)} | {b.n_runs} | {b.n_sizes} | {_v(b.n_opt, b.n_opt_ci)} | "
+                         f"{_v(b.d_opt, b.d_opt_ci)} | {_v(b.tokens_per_param, b.tokens_per_param_ci)} | "
+                         f"{_v(b.l_opt, b.l_opt_ci)} | {edge} |")
+        lines.append("")
+        if iso.n_opt_law is not None:
+            lines += ["| law | coefficient | exponent | budgets used |", "|---|---|---|---|"]
+            for label, law in (("N*(C)", iso.n_opt_law), ("D*(C)", iso.d_opt_law), ("L*(C)", iso.l_opt_law)):
+                lines.append(f"| {label} = coef·C^exponent | {_v(law.coef, law.coef_ci)} | "
+                             f"{_v(law.exponent, law.exponent_ci)} | {law.n_points} |")
+            lines.append("")
+    lines += ["### Approach 3: Chinchilla law L(N, D) = E + A/N^α + B/D^β", ""]
+    p = fj["parametric"]
+    if p is None:
+        lines += ["Not fitted (see notes).", ""]
+        return lines
+    lines += ["| parameter | value | interval |", "|---|---|---|"]
+    for key, label in zip(NAMES, ("E", "A", "B", "α", "β")):
+        lines.append(f"| {label} | {_f(p[key])} | {_ci(p['ci'][key])} |")
+    al, fr = p["allocation"], p["frontier"]
+    lines += ["", f"Huber δ = {p['huber_delta']:g}, objective {_f(p['objective'])}; "
+                  f"start grid edge: {', '.join(p['grid_edge']) or 'none'}.",
+              f"Implied allocation (C = 6ND): N*(C) = {_f(al['n_opt']['coef'])}·C^{_f(al['n_opt']['exponent'])} "
+              f"(exponent {_ci(al['n_opt']['ci']['exponent'])}), D*(C) = {_f(al['d_opt']['coef'])}·"
+              f"C^{_f(al['d_opt']['exponent'])} (exponent {_ci(al['d_opt']['ci']['exponent'])}).",
+              f"Frontier: L*(C) = {_f(fr['E'])} + {_f(fr['K'])}·C^-{_f(fr['gamma'])} (γ = αβ/(α+β)).", ""]
+    if entropy is not None:
+        e = p["E_minus_entropy_rate"]
+        lines += [f"Irreducible loss vs the corpus entropy rate: E = {_f(p['E'])} {_ci(p['ci']['E'])} nats/token, "
+                  f"entropy rate H = {_f(entropy)} nats/token, E − H = {_v(e['value'], e['ci'])}.", ""]
+    return lines
+
+
+def _gap_lines(study: Study) -> list[str]:
+    if not study.gaps:
+        return ["## Compute gap", "", "Not computed (see notes).", ""]
+    lines = ["## Compute gap", "",
+             "m(L) = C_other(L) / C_reference(L): how many times more compute the other family needs for the same "
+             "loss on its frontier. Extrapolated: the loss lies outside a family's fitted budget range.", ""]
+    for g in study.gaps:
+        lines += [f"### {g.other} vs {g.reference} ({g.kind.replace('_', ' ')} frontiers)", "",
+                  "| loss | gap m(L) | extrapolated |", "|---|---|---|"]
+        lines += [_gap_row(p) for p in g.at]
+        lines += ["", f"Over the curve: {_range(g.curve)}.", ""]
+        if g.n_ratio:
+            lines += [f"N*_{g.reference} / N*_{g.other} at equal compute:", "",
+                      "| C (FLOPs) | ratio | extrapolated |", "|---|---|---|"]
+            lines += [f"| {_f(r.budget)} | {_v(r.ratio, (r.lo, r.hi))} | {'yes' if r.extrapolated else 'no'} |"
+                      for r in g.n_ratio]
+            lines.append("")
+    return lines
+
+
+def _gap_row(p: GapPoint) -> str:
+    return f"| {_f(p.loss)} | {_v(p.gap, (p.lo, p.hi))} | {'yes' if p.extrapolated else 'no'} |"
+
+
+def _range(curve: list[GapPoint]) -> str:
+    inside = [p for p in curve if not p.extrapolated and p.gap is not None]
+    if not inside:
+        return "the two families' loss ranges do not overlap; every value extrapolates a frontier"
+    lo, hi = min(inside, key=lambda p: p.gap), max(inside, key=lambda p: p.gap)
+    if lo is hi:
+        return f"the two families' loss ranges meet only near L = {_f(lo.loss)}, where the gap is {_f(lo.gap)}×"
+    return (f"where both frontiers are measured the gap runs from {_f(lo.gap)}× (L = {_f(lo.loss)}) "
+            f"to {_f(hi.gap)}× (L = {_f(hi.loss)})")
+
+
+def _f(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4g}"
+
+
+def _ci(ci) -> str:
+    return "n/a" if ci is None or ci[0] is None or ci[1] is None else f"[{ci[0]:.4g}, {ci[1]:.4g}]"
+
+
+def _v(value, ci) -> str:
+    return _f(value) if value is None or _ci(ci) == "n/a" else f"{_f(value)} {_ci(ci)}"
