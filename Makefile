@@ -26,12 +26,12 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
-	$(VENV)/bin/isoflop data synthetic --out $(DEMO)/data --tokens 2000000 --seed 0 || test -f $(DEMO)/data/meta.json
-	$(VENV)/bin/isoflop train --family mdm --model cpu-111k --flops 3e11 --data $(DEMO)/data --out $(DEMO)/mdm \
-		--set seq_len=128 --set batch_size=32 --set lr=3e-3 --set warmup_min_steps=10 --set eval_samples=16
-	$(VENV)/bin/isoflop train --family arm --model cpu-111k --flops 3e11 --data $(DEMO)/data --out $(DEMO)/arm \
-		--set seq_len=128 --set batch_size=32 --set lr=3e-3 --set warmup_min_steps=10 --set eval_samples=16
-	@echo "results under $(DEMO)/"
+	$(VENV)/bin/isoflop sweep sweeps/demo.yaml
+	$(VENV)/bin/isoflop analyze --experiment demo --tracking-uri sqlite:///$(DEMO)/mlflow.db --out $(DEMO)/analysis \
+		--holdout-largest
+	@echo
+	@echo "Demo done. Report: $(DEMO)/analysis/report.md  fits: $(DEMO)/analysis/fits.json  plots: $(DEMO)/analysis/*.png"
+	@echo "Browse the runs: $(VENV)/bin/isoflop ui --tracking-uri sqlite:///$(DEMO)/mlflow.db  (http://127.0.0.1:5000)"
 
 clean:
 	rm -rf $(VENV) results

@@ -138,6 +138,7 @@ def from_mlflow(experiment: str, tracking_uri: str | None = None, finished_only:
                          "params": params.get("params"), "tokens": params.get("tokens"),
                          "loss": metrics.get("val_loss"), "run_id": run.info.run_id, "status": run.info.status,
                          "flops_convention": params.get("flops_convention"),
+                         "entropy_rate_nats": params.get("entropy_rate_nats"),
                          "run_hash": run.data.tags[HASH_TAG]})
         token = page.token
         if not token:
@@ -145,7 +146,7 @@ def from_mlflow(experiment: str, tracking_uri: str | None = None, finished_only:
     if not rows:
         raise RunsError(f"MLflow experiment {experiment!r} has no {'finished ' if finished_only else ''}sweep runs")
     df = pd.DataFrame(rows)
-    for column in NUMERIC:
+    for column in (*NUMERIC, "entropy_rate_nats"):
         df[column] = pd.to_numeric(df[column], errors="coerce")
     return df
 

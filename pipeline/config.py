@@ -156,7 +156,9 @@ class Resources(BaseModel):
     gpus_per_worker: float = Field(0, ge=0)
     cpus_per_worker: float = Field(1, gt=0)
     max_concurrent_trials: int | None = Field(None, gt=0, description="default: as many as the cluster holds")
-    max_failures: int = Field(2, ge=0, description="worker-group restarts per trial, each from the last checkpoint")
+    max_failures: int = Field(2, ge=0, description="restarts per trial, each from the last checkpoint")
+    worker_group: bool = Field(False, description="run one-worker points in a Ray Train worker group too "
+                                                  "(else they train in the Tune trial itself, seconds faster to start)")
 
 
 class SizeRule(BaseModel):
@@ -199,12 +201,20 @@ class SweepConfig(BaseModel):
     train: TrainConfig = TrainConfig()
     resources: Resources = Resources()
     tracking_uri: str = "sqlite:///mlruns.db"
-    storage: str = Field("ray_results", description="Ray storage path: trial state and checkpoints")
+    storage: str = Field("ray_results", description="a folder every node can reach (local disk on one machine, "
+                                                   "a shared filesystem on a cluster): checkpoints, models, Tune state")
 
     @field_validator("data", mode="before")
     @classmethod
     def _data_path(cls, value):
         return {"path": value} if isinstance(value, str) else value
+
+    @field_validator("storage")
+    @classmethod
+    def _filesystem_storage(cls, storage):
+        if "://" in storage:  # DeepSpeed writes its checkpoint shards as files
+            raise ValueError(f"storage must be a filesystem path (shared by all nodes on a cluster), got {storage!r}")
+        return storage
 
     @field_validator("budgets")
     @classmethod

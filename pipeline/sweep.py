@@ -42,6 +42,7 @@ class SweepPlan:
     dropped: list[str]
     fingerprint: str
     tracking_uri: str
+    experiment_id: str | None  # None for a dry run, which touches no store
 
 
 def plan_sweep(path: str | Path, tracking_uri: str | None = None, *, dry_run: bool = False,
@@ -78,20 +79,20 @@ def plan_sweep(path: str | Path, tracking_uri: str | None = None, *, dry_run: bo
         res = sweep.resources
         errors.append(f"resources: a trial needs {res.workers_per_trial} workers x ({res.cpus_per_worker} CPU, "
                       f"{res.gpus_per_worker} GPU), more than the cluster has ({cluster})")
-    uri = tracking.resolve_uri(tracking_uri, sweep.tracking_uri)
+    uri, experiment_id = tracking.resolve_uri(tracking_uri, sweep.tracking_uri), None
     if not dry_run:
         try:
-            tracking.prepare_store(uri, sweep.name)
+            experiment_id = tracking.prepare_store(uri, sweep.name)
         except tracking.TrackingError as err:
             errors.append(str(err))
     if errors:
         raise SweepError("\n".join(errors))
-    return SweepPlan(sweep, points, dropped, fingerprint, uri)
+    return SweepPlan(sweep, points, dropped, fingerprint, uri, experiment_id)
 
 
 def trial_resources(resources: Resources) -> dict:
     """What Tune reserves for a trial: all of a one-worker point, else just the driver of its worker group."""
-    if resources.workers_per_trial == 1:
+    if resources.workers_per_trial == 1 and not resources.worker_group:
         return {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker}
     return DRIVER_RESOURCES
 
@@ -119,8 +120,7 @@ def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(plan.tracking_uri)
-    experiment_id = tracking.prepare_store(plan.tracking_uri, sweep.name)
+    client, experiment_id = MlflowClient(plan.tracking_uri), plan.experiment_id
     todo, done, failed = [], [], []
     for point in plan.points:
         status, reason = tracking.run_status(client, experiment_id, point.spec.run_hash)
@@ -149,7 +149,7 @@ def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str
                              f"the cluster has ({ray.cluster_resources()})")
         if sweep.resources.max_concurrent_trials:
             concurrent = min(concurrent, sweep.resources.max_concurrent_trials)
-        storage = str(Path(sweep.storage).resolve()) if "://" not in sweep.storage else sweep.storage
+        storage = str(Path(sweep.storage).resolve())
         context = SweepContext(sweep.name, plan.tracking_uri, experiment_id,
                                tracking.sweep_parent(client, experiment_id, sweep.name),
                                str(Path(sweep.data.path).resolve()), storage, sweep.resources)
@@ -194,7 +194,7 @@ def run_trial(config: dict, context: SweepContext) -> None:
         tune.report({"status": "skipped"})
         return
     res = context.resources
-    if res.workers_per_trial == 1:
+    if res.workers_per_trial == 1 and not res.worker_group:
         import torch
 
         torch.set_num_threads(max(1, int(res.cpus_per_worker)))
@@ -256,7 +256,7 @@ def train_point(spec: RunSpec, context: SweepContext) -> dict:
 
         logger = tracking.RunLogger(context.tracking_uri, context.experiment_id, spec, context.parent_run_id)
         info = load_dataset(context.data_dir).info
-        logger.log_params(tracking.run_params(spec, plan_run(spec, info.vocab_size), world, info.fingerprint),
+        logger.log_params(tracking.run_params(spec, plan_run(spec, info.vocab_size), world, info),
                           {"run": spec.to_dict(), "sweep": context.name})
     try:
         result = train(spec, context.data_dir, out, reporter=MlflowReporter(logger))

@@ -87,16 +87,19 @@ def sweep_parent(client: MlflowClient, experiment_id: str, sweep_name: str) -> s
     return client.create_run(experiment_id, run_name=f"sweep-{sweep_name}", tags={SWEEP_TAG: sweep_name}).info.run_id
 
 
-def run_params(spec: RunSpec, plan: BudgetPlan, world_size: int, fingerprint: str) -> dict[str, str]:
+def run_params(spec: RunSpec, plan: BudgetPlan, world_size: int, data) -> dict[str, str]:
+    """What MLflow shows for a grid point; `data` is the DatasetInfo it trains on."""
     shape = spec.shape
     recipe = spec.train.model_dump()
     params = {
         "family": spec.family, "budget": spec.budget, "model": shape.label, "n_layer": shape.n_layer,
         "n_head": shape.n_head, "d_model": shape.d_model, "d_ff": shape.d_ff, "params": shape.non_embedding_params(),
         "steps": plan.steps, "tokens": plan.tokens, "flops": plan.flops, "tokens_per_param": plan.tokens / shape.non_embedding_params(),
-        "world_size": world_size, "data_fingerprint": fingerprint, "run_hash": spec.run_hash, "git_commit": git_commit(),
+        "world_size": world_size, "data_fingerprint": data.fingerprint, "run_hash": spec.run_hash, "git_commit": git_commit(),
         **{f"train.{k}": v for k, v in recipe.items()},
     }
+    if data.entropy_rate_nats is not None:  # the synthetic corpus: the analysis compares its fitted E with this
+        params["entropy_rate_nats"] = data.entropy_rate_nats
     params["flops_convention"] = spec.train.flops_convention
     params["zero_stage"] = spec.train.zero_stage
     params["seed"] = spec.train.seed

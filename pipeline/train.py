@@ -215,6 +215,7 @@ def train(spec: RunSpec, data_dir: str | Path, out_dir: str | Path, *, reporter:
     state = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else engine.module.state_dict()
     if rank == 0:
         _save_final(state, spec, data.info, result, out_dir)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # optimizer state is dead weight once model.pt is written
     dist.barrier()
     return result
 

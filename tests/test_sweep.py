@@ -198,3 +198,33 @@ def test_killed_worker_is_restarted_from_its_checkpoint(tmp_path):
     _, runs = assert_one_finished_run_per_point(f"sqlite:///{tmp_path}/mlflow.db", "mini-worker", 1)
     assert runs[0].data.params["world_size"] == "2"
     assert "resumed at step" in runs[0].data.tags.get("isoflop.resumed", "")
+
+
+@pytest.mark.slow
+def test_diverged_point_is_marked_failed_and_not_retried(tmp_path):
+    train = {**TRAIN, "lr": 1e6, "grad_clip": 0.0}
+    path = write_sweep(tmp_path, name="mini-nan", families=["arm"], budgets=[4e9], models=["cpu-26k"], train=train)
+    first = isoflop("sweep", str(path))
+    assert first.returncode == 1 and "1 diverged" in first.stdout, first.stdout[-3000:]
+    _, runs = child_runs(f"sqlite:///{tmp_path}/mlflow.db", "mini-nan")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert runs[0].data.tags["isoflop.failure_reason"].startswith("diverged")
+    again = isoflop("sweep", str(path))
+    assert again.returncode == 1 and "1 failed" in again.stdout and "0 to run" in again.stdout
+    assert len(child_runs(f"sqlite:///{tmp_path}/mlflow.db", "mini-nan")[1]) == 1
+
+
+def test_sizes_rule_brackets_the_predicted_optimum(tmp_path):
+    path = write_sweep(tmp_path, models=None, sizes={"per_budget": 5, "span": 16, "tokens_per_param": 65},
+                       budgets=[1e11, 1e12])
+    sweep = load_sweep(path)
+    points, dropped = expand_grid(sweep, vocab_size=512)
+    for budget in (1e11, 1e12):
+        sizes = sorted({p.spec.shape.non_embedding_params() for p in points if p.spec.budget == budget})
+        centre = (budget / (6 * 65)) ** 0.5
+        assert len(sizes) >= 4 and sizes[0] < centre < sizes[-1]
+        assert sizes[-1] / sizes[0] <= 16 * 2.5  # the ladder is coarse: a target may round to a neighbour
+    with pytest.raises(SweepError, match="exactly one of `models`"):
+        load_sweep(write_sweep(tmp_path, name="both", sizes={"per_budget": 3}))
+    with pytest.raises(SweepError, match="storage must be a filesystem path"):
+        load_sweep(write_sweep(tmp_path, name="s3", storage="s3://bucket/x"))

@@ -113,3 +113,12 @@ def test_bad_train_input_fails_fast_with_a_named_field(corpus, tmp_path, args, m
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3, proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_diverging_run_stops_with_a_reason(corpus, tmp_path):
+    from pipeline.train import Diverged
+
+    spec = spec_for("arm", 40, lr=1e6, grad_clip=0.0, warmup_min_steps=1)
+    with pytest.raises(Diverged, match="loss became"):
+        train(spec, corpus, tmp_path, verbose=False)
+    assert not (tmp_path / "result.json").exists()
