@@ -40,17 +40,21 @@ def load_sweep(path: str | Path) -> SweepConfig:
 
 
 def sizes_for_budget(budget: float, sweep: SweepConfig) -> list[Shape]:
-    """`per_budget` registry shapes log-spaced over `span` around N* = sqrt(C / (6 * tokens_per_param))."""
+    """`per_budget` registry shapes log-spaced over `span` around N* = sqrt(C / (6 * tokens_per_param)).
+
+    Each target takes the nearest shape not yet taken, so a coarse stretch of the ladder still yields
+    `per_budget` distinct sizes.
+    """
     rule = sweep.sizes
     centre = math.sqrt(budget / (6 * rule.tokens_per_param))
-    ladder = sorted({**CPU_SHAPES, **PAPER_SHAPES}.values(), key=Shape.non_embedding_params)
+    ladder = list({**CPU_SHAPES, **PAPER_SHAPES}.values())
     targets = [centre * rule.span ** (i / max(1, rule.per_budget - 1) - 0.5) for i in range(rule.per_budget)]
-    chosen = []
+    chosen: list[Shape] = []
     for target in targets:
-        best = min(ladder, key=lambda s: abs(math.log(s.non_embedding_params() / target)))
-        if best not in chosen:
-            chosen.append(best)
-    return chosen
+        free = [s for s in ladder if s not in chosen]
+        if free:
+            chosen.append(min(free, key=lambda s: abs(math.log(s.non_embedding_params() / target))))
+    return sorted(chosen, key=Shape.non_embedding_params)
 
 
 def expand_grid(sweep: SweepConfig, vocab_size: int, data_fingerprint: str = "") -> tuple[list[GridPoint], list[str]]:

@@ -72,10 +72,26 @@ def run_cli(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def prepared_text(tmp_path_factory):
+    """A user corpus through `isoflop data prepare`: jsonl documents, byte tokenizer."""
+    import random
+
+    folder = tmp_path_factory.mktemp("text")
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "scaling", "laws", "masked", "diffusion", "tokens", "compute"]
+    with open(folder / "docs.jsonl", "w") as f:
+        for _ in range(400):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))}) + "\n")
+    proc = run_cli("data", "prepare", str(folder / "docs.jsonl"), "--out", str(folder / "prepared"), "--val-fraction", "0.1")
+    assert proc.returncode == 0, proc.stderr
+    return folder / "prepared"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("workers,zero", [(2, 2), (1, 3)])
-def test_train_command_ranks_and_zero_stages(corpus, tmp_path, workers, zero):
-    out = tmp_path / "run"
+@pytest.mark.parametrize("workers,zero,data", [(2, 2, "prepared_text"), (2, 2, "corpus"), (1, 3, "corpus")])
+def test_train_command_ranks_and_zero_stages(request, tmp_path, workers, zero, data):
+    out, corpus = tmp_path / "run", request.getfixturevalue(data)
     args = ["train", "--family", "arm", "--model", "{n_layer: 1, n_head: 2, d_model: 32}", "--flops", "1.5e9",
             "--data", str(corpus), "--out", str(out), "--workers", str(workers), "--zero-stage", str(zero),
             "--set", "seq_len=32", "--set", "batch_size=8", "--set", "warmup_min_steps=2", "--set", "val_blocks=4"]
