@@ -13,6 +13,7 @@ import torch
 
 from pipeline.config import RunSpec, TrainConfig
 from pipeline.data import synthetic
+from pipeline.shapes import resolve_shape
 from pipeline.train import Reporter, train
 
 
@@ -39,9 +40,9 @@ def main() -> None:
                 cfg = TrainConfig(seq_len=2048, batch_size=4 * args.micro_batch, micro_batch_size=args.micro_batch,
                                   lr=2e-4, warmup_min_steps=5, log_every=10, checkpoint_every=0, eval_samples=1,
                                   val_blocks=1, zero_stage=0, precision="bf16")
-                spec = RunSpec(family=family, shape=name, budget=1.0, train=cfg)
+                shape = resolve_shape(name)
                 tokens = args.steps * cfg.batch_size * cfg.seq_len
-                spec = spec.model_copy(update={"budget": 6.0 * spec.shape.non_embedding_params() * tokens})
+                spec = RunSpec(family=family, shape=shape, budget=6.0 * shape.non_embedding_params() * tokens, train=cfg)
                 last = Last()
                 train(spec, data_dir, f"{tmp}/{name}-{family}", reporter=last, verbose=False)
                 steady = last.rows[1:] or last.rows

@@ -167,7 +167,20 @@ class SizeRule(BaseModel):
 
     per_budget: int = Field(5, ge=1)
     span: float = Field(8.0, gt=1, description="largest / smallest N per budget")
-    tokens_per_param: float = Field(20.0, gt=0, description="predicted optimum D/N, centre of the window")
+    tokens_per_param: float | dict[Family, float] = Field(
+        20.0, description="predicted optimum D/N, centre of the window; a mapping gives each family its own "
+                          "(an MDM's optimum sits at smaller N than an ARM's)")
+
+    @field_validator("tokens_per_param")
+    @classmethod
+    def _positive_ratio(cls, value):
+        ratios = value.values() if isinstance(value, dict) else [value]
+        if any(r <= 0 for r in ratios):
+            raise ValueError(f"tokens_per_param must be positive, got {value}")
+        return value
+
+    def ratio(self, family: str) -> float:
+        return self.tokens_per_param[family] if isinstance(self.tokens_per_param, dict) else self.tokens_per_param
 
 
 class SyntheticData(BaseModel):

@@ -39,14 +39,14 @@ def load_sweep(path: str | Path) -> SweepConfig:
         raise SweepError(f"{path}:\n" + format_validation_error(err, schema=SweepConfig)) from None
 
 
-def sizes_for_budget(budget: float, sweep: SweepConfig) -> list[Shape]:
+def sizes_for_budget(budget: float, family: str, sweep: SweepConfig) -> list[Shape]:
     """`per_budget` registry shapes log-spaced over `span` around N* = sqrt(C / (6 * tokens_per_param)).
 
     Each target takes the nearest shape not yet taken, so a coarse stretch of the ladder still yields
     `per_budget` distinct sizes.
     """
     rule = sweep.sizes
-    centre = math.sqrt(budget / (6 * rule.tokens_per_param))
+    centre = math.sqrt(budget / (6 * rule.ratio(family)))
     ladder = list({**CPU_SHAPES, **PAPER_SHAPES}.values())
     targets = [centre * rule.span ** (i / max(1, rule.per_budget - 1) - 0.5) for i in range(rule.per_budget)]
     chosen: list[Shape] = []
@@ -62,8 +62,8 @@ def expand_grid(sweep: SweepConfig, vocab_size: int, data_fingerprint: str = "")
     points, dropped, seen = [], [], {}
     train = sweep.train.with_overrides({"flops_convention": sweep.flops_convention})
     for budget in sweep.budgets:
-        shapes = sizes_for_budget(budget, sweep) if sweep.sizes else [resolve_shape(m) for m in sweep.models]
         for family in sweep.families:
+            shapes = sizes_for_budget(budget, family, sweep) if sweep.sizes else [resolve_shape(m) for m in sweep.models]
             for shape in shapes:
                 for seed in sweep.seeds:
                     spec = RunSpec(family=family, shape=shape, budget=budget, train=train.with_overrides({"seed": seed}),

@@ -147,7 +147,7 @@ def test_sigkilled_driver_loses_nothing_on_rerun(tmp_path):
                               stderr=subprocess.STDOUT, text=True)
     # wait until one point has finished and a longer one has written a checkpoint, then kill the driver
     deadline = time.time() + 600
-    while time.time() < deadline:
+    while time.time() < deadline and driver.poll() is None:
         finished = []
         if (tmp_path / "mlflow.db").exists():
             try:
@@ -158,6 +158,7 @@ def test_sigkilled_driver_loses_nothing_on_rerun(tmp_path):
         if finished and list((tmp_path / "ray").glob("runs/*/checkpoints/latest")):
             break
         time.sleep(1)
+    assert driver.poll() is None, "the sweep ended before it could be interrupted:\n" + driver.communicate()[0][-3000:]
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     _, before = child_runs(uri, "mini-kill")
@@ -224,6 +225,11 @@ def test_sizes_rule_brackets_the_predicted_optimum(tmp_path):
         centre = (budget / (6 * 65)) ** 0.5
         assert len(sizes) >= 4 and sizes[0] < centre < sizes[-1]
         assert sizes[-1] / sizes[0] <= 16 * 2.5  # the ladder is coarse: a target may round to a neighbour
+    per_family = load_sweep(write_sweep(tmp_path, name="fam", models=None, budgets=[1e12],
+                                        sizes={"per_budget": 5, "span": 8, "tokens_per_param": {"arm": 100, "mdm": 900}}))
+    points, _ = expand_grid(per_family, vocab_size=512)
+    largest = {f: max(p.spec.shape.non_embedding_params() for p in points if p.spec.family == f) for f in ("arm", "mdm")}
+    assert largest["mdm"] < largest["arm"]  # the MDM's window sits at smaller N
     with pytest.raises(SweepError, match="exactly one of `models`"):
         load_sweep(write_sweep(tmp_path, name="both", sizes={"per_budget": 3}))
     with pytest.raises(SweepError, match="storage must be a filesystem path"):
