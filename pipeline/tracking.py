@@ -35,20 +35,28 @@ def resolve_uri(uri: str | None, default: str) -> str:
 def prepare_store(uri: str, experiment: str) -> str:
     """Create the database and experiment once, from the driver, before any trial logs (returns its id).
 
-    sqlite gets write-ahead logging so concurrent sweeps and trials read while one writes.
+    MLflow's first-time table creation is not safe to run twice at once, so sweeps starting together on
+    one sqlite file take turns through a lock file; the database gets write-ahead logging so trials and
+    other sweeps read while one writes.
     """
-    if uri.startswith("sqlite:///"):
-        import sqlite3
-
-        path = Path(uri.removeprefix("sqlite:///"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with sqlite3.connect(path, timeout=60) as con:
-            con.execute("PRAGMA journal_mode=WAL")
     if uri.startswith(("http://", "https://")):
         check_server(uri)
-    artifacts = None
-    if uri.startswith("sqlite:///"):
-        artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    if not uri.startswith("sqlite:///"):
+        return _get_or_create_experiment(uri, experiment, None)
+    import fcntl
+    import sqlite3
+
+    path = Path(uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with sqlite3.connect(path, timeout=60) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+        artifacts = (path.parent / "mlartifacts").resolve().as_uri()
+        return _get_or_create_experiment(uri, experiment, f"{artifacts}/{experiment}")
+
+
+def _get_or_create_experiment(uri: str, experiment: str, artifact_location: str | None) -> str:
     client = MlflowClient(uri)
     try:
         found = client.get_experiment_by_name(experiment)
@@ -57,7 +65,7 @@ def prepare_store(uri: str, experiment: str) -> str:
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(experiment, artifact_location=artifacts and f"{artifacts}/{experiment}")
+        return client.create_experiment(experiment, artifact_location=artifact_location)
     except Exception:  # another sweep created it in the meantime
         return client.get_experiment_by_name(experiment).experiment_id
 

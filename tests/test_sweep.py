@@ -148,15 +148,11 @@ def test_sigkilled_driver_loses_nothing_on_rerun(tmp_path):
     # wait until one point has finished and a longer one has written a checkpoint, then kill the driver
     deadline = time.time() + 600
     while time.time() < deadline and driver.poll() is None:
-        finished = []
-        if (tmp_path / "mlflow.db").exists():
-            try:
-                _, runs = child_runs(uri, "mini-kill")
-                finished = [r for r in runs if r.info.status == "FINISHED"]
-            except Exception:
-                pass
-        if finished and list((tmp_path / "ray").glob("runs/*/checkpoints/latest")):
-            break
+        # read MLflow only once a checkpoint shows the driver has long since created the store
+        if list((tmp_path / "ray").glob("runs/*/checkpoints/latest")):
+            _, runs = child_runs(uri, "mini-kill")
+            if any(r.info.status == "FINISHED" for r in runs):
+                break
         time.sleep(1)
     assert driver.poll() is None, "the sweep ended before it could be interrupted:\n" + driver.communicate()[0][-3000:]
     driver.send_signal(signal.SIGKILL)
