@@ -122,6 +122,64 @@ def cmd_ui(args) -> int:
                             "--host", "127.0.0.1", "--port", str(args.port)])
 
 
+def cmd_sample(args) -> int:
+    import time
+
+    import torch
+
+    from pipeline import checkpoint
+    from pipeline.sampling import ArmSampling, MdmSampling, arm_sample, mdm_sample
+    ckpt = checkpoint.load(checkpoint=args.checkpoint, run=args.run, tracking_uri=args.tracking_uri)
+    tokenizer = ckpt.tokenizer(args.data)
+    prompt = torch.tensor([tokenizer.encode_prompt(args.prompt)], device=ckpt.device)
+    started = time.perf_counter()
+    if ckpt.family == "arm":
+        mdm_only = [flag for flag, value in (("--sampler", args.sampler), ("--steps", args.steps), ("--cfg", args.cfg))
+                    if value is not None]
+        if mdm_only:
+            raise UsageError(f"{ckpt.source} is an ARM; {', '.join(mdm_only)} only apply to MDM checkpoints")
+        cfg = ArmSampling(length=args.length, temperature=args.temperature, seed=args.seed)
+        sample = arm_sample(ckpt.model, prompt, cfg)
+        how = "KV-cached decoding"
+    else:
+        cfg = MdmSampling(length=args.length, steps=args.steps, sampler=args.sampler or "reverse",
+                          temperature=args.temperature, cfg=args.cfg or 0.0, seed=args.seed)
+        sample = mdm_sample(ckpt.model, prompt, cfg)
+        how = f"{cfg.sampler} sampler, {cfg.n_steps} steps, cfg {cfg.cfg:g}"
+    print(tokenizer.decode(sample.answer[0].tolist()))
+    print(f"[{ckpt.family} {how}] {args.length} tokens, {sample.network_calls} network calls, "
+          f"{time.perf_counter() - started:.2f}s", file=sys.stderr)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from pipeline import checkpoint
+    from pipeline.sampling import Scoring, evaluate_choices, read_tasks
+
+    tasks = read_tasks(args.tasks)
+    ckpt = checkpoint.load(checkpoint=args.checkpoint, run=args.run, tracking_uri=args.tracking_uri)
+    if ckpt.family == "arm" and args.cfg:
+        raise UsageError(f"{ckpt.source} is an ARM; --cfg applies to MDM checkpoints only")
+    tokenizer = ckpt.tokenizer(args.data)
+    result = evaluate_choices(ckpt.model, tokenizer, tasks, Scoring(samples=args.samples, cfg=args.cfg, seed=args.seed))
+    print(json.dumps({"family": ckpt.family, "source": ckpt.source, "accuracy": result.accuracy,
+                      "correct": result.correct, "total": result.total,
+                      **({"samples": args.samples, "cfg": args.cfg} if ckpt.family == "mdm" else {})}))
+    return 0
+
+
+def _model_source_args(p: argparse.ArgumentParser) -> None:
+    """The options `sample` and `score` share: which model, and where its tokenizer is."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", metavar="RUN_ID", help="an MLflow run id of a finished grid point")
+    source.add_argument("--checkpoint", metavar="DIR",
+                        help="a finished run's folder (`isoflop train --out`, or a sweep's runs/<hash>)")
+    p.add_argument("--tracking-uri", metavar="URI", default=None,
+                   help="with --run (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
+    p.add_argument("--data", metavar="DIR", default=None, help="the data folder whose tokenizer to use (default: the run's)")
+    p.add_argument("--seed", type=int, metavar="S", default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="isoflop", description="IsoFLOP scaling studies of MDM and ARM language models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +233,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("sample", help="generate from a trained model (MDM reverse/confidence sampler, or ARM)")
+    _model_source_args(p)
+    p.add_argument("--prompt", metavar="TEXT", required=True,
+                   help="text (token ids separated by spaces for the synthetic corpus); the model sees EOS, then this")
+    p.add_argument("--length", type=int, metavar="L", default=64, help="tokens to generate")
+    p.add_argument("--steps", type=int, metavar="K", default=None, help="MDM: sampling steps (default: --length)")
+    p.add_argument("--sampler", choices=("reverse", "confidence"), default=None, help="MDM (default: reverse)")
+    p.add_argument("--cfg", type=float, metavar="W", default=None, help="MDM: unsupervised classifier-free guidance weight")
+    p.add_argument("--temperature", type=float, metavar="T", default=1.0, help="0 = greedy")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("score", help="multiple-choice accuracy by conditional likelihood over a JSONL task file")
+    _model_source_args(p)
+    p.add_argument("--tasks", metavar="FILE.jsonl", required=True,
+                   help='one {"context": str, "choices": [str, ...], "answer": index} per line')
+    p.add_argument("--samples", type=int, metavar="K", default=128, help="MDM: Monte Carlo draws per continuation")
+    p.add_argument("--cfg", type=float, metavar="W", default=0.0, help="MDM: unsupervised classifier-free guidance weight")
+    p.set_defaults(func=cmd_score)
 
     # `analyze` belongs to the analysis package, which parses its own arguments (see main)
     sub.add_parser("analyze", add_help=False, help="fit scaling laws and the compute gap; plots and report")
