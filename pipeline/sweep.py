@@ -40,7 +40,6 @@ class SweepPlan:
     sweep: SweepConfig
     points: list[GridPoint]
     dropped: list[str]
-    fingerprint: str
     tracking_uri: str
     experiment_id: str | None  # None for a dry run, which touches no store
 
@@ -87,7 +86,7 @@ def plan_sweep(path: str | Path, tracking_uri: str | None = None, *, dry_run: bo
             errors.append(str(err))
     if errors:
         raise SweepError("\n".join(errors))
-    return SweepPlan(sweep, points, dropped, fingerprint, uri, experiment_id)
+    return SweepPlan(sweep, points, dropped, uri, experiment_id)
 
 
 def trial_resources(resources: Resources) -> dict:

@@ -104,13 +104,11 @@ def run_params(spec: RunSpec, plan: BudgetPlan, world_size: int, data) -> dict[s
         "n_head": shape.n_head, "d_model": shape.d_model, "d_ff": shape.d_ff, "params": shape.non_embedding_params(),
         "steps": plan.steps, "tokens": plan.tokens, "flops": plan.flops, "tokens_per_param": plan.tokens / shape.non_embedding_params(),
         "world_size": world_size, "data_fingerprint": data.fingerprint, "run_hash": spec.run_hash, "git_commit": git_commit(),
+        "flops_convention": spec.train.flops_convention, "zero_stage": spec.train.zero_stage, "seed": spec.train.seed,
         **{f"train.{k}": v for k, v in recipe.items()},
     }
     if data.entropy_rate_nats is not None:  # the synthetic corpus: the analysis compares its fitted E with this
         params["entropy_rate_nats"] = data.entropy_rate_nats
-    params["flops_convention"] = spec.train.flops_convention
-    params["zero_stage"] = spec.train.zero_stage
-    params["seed"] = spec.train.seed
     return {k: str(v) for k, v in params.items()}
 
 
