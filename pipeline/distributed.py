@@ -29,9 +29,10 @@ def device_for_rank() -> torch.device:
 def ensure_process_group() -> tuple[int, int]:
     """(rank, world size); makes a one-rank group when none exists. DeepSpeed asks for LOCAL_RANK."""
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+        # an in-process store: no port to race for, and nothing written to os.environ that child
+        # processes (Ray workers, a sweep driver started by this process) would inherit
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
     os.environ.setdefault("LOCAL_RANK", str(dist.get_rank() % max(1, torch.cuda.device_count() or 1)))
     return dist.get_rank(), dist.get_world_size()
 

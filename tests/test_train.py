@@ -138,3 +138,15 @@ def test_a_diverging_run_stops_with_a_reason(corpus, tmp_path):
     with pytest.raises(Diverged, match="loss became"):
         train(spec, corpus, tmp_path, verbose=False)
     assert not (tmp_path / "result.json").exists()
+
+
+def test_one_rank_group_leaves_nothing_for_child_processes_to_trip_on():
+    # a process that trained in-process (a notebook, this test session) and then starts a sweep must not
+    # hand its children a rendezvous port it still holds
+    from pipeline.distributed import ensure_process_group
+
+    assert ensure_process_group() == (0, 1)
+    child = subprocess.run([sys.executable, "-c", "from pipeline.distributed import ensure_process_group as g; "
+                            "print(g())"], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.strip() == "(0, 1)"
