@@ -40,14 +40,16 @@ class ChinchillaLaw:
     def allocation(self) -> tuple[float, float, float, float]:
         """(ln n, a, ln d, b) with N*(C) = e^n·C^a and D*(C) = e^d·C^b, minimising L at C = 6ND."""
         s = self.alpha + self.beta
-        log_g = np.log(self.alpha * self.A / (self.beta * self.B)) / s
+        with np.errstate(all="ignore"):  # a degenerate bootstrap law (A or B at 0 or inf) gives inf/NaN, dropped later
+            log_g = np.log(self.alpha * self.A / (self.beta * self.B)) / s
         a, b = self.beta / s, self.alpha / s
         return float(log_g - a * np.log(6)), a, float(-log_g - b * np.log(6)), b
 
     def frontier_k(self) -> float:
         """K of L*(C) = E + K·C^-gamma: the law evaluated along the optimal allocation."""
         log_n, a, log_d, b = self.allocation()
-        return float(self.A * np.exp(-self.alpha * log_n) + self.B * np.exp(-self.beta * log_d))
+        with np.errstate(all="ignore"):
+            return float(self.A * np.exp(-self.alpha * log_n) + self.B * np.exp(-self.beta * log_d))
 
 
 @dataclass(frozen=True)

@@ -485,6 +485,20 @@ class SyntheticLanguage:
             rows[:running] += token - rows[:running] % (C + 1)  # same topic, new state
         return stream[:n_tokens]
 
+    def choice_tasks(self, n: int, rng: np.random.Generator) -> list[dict]:
+        """Multiple choice for `isoflop score`: context = a document's topic and first 3 tokens; choices =
+        its next 3 tokens, or 3 random content tokens. A model that learnt the topic's chain tells them apart."""
+        stream = self.sample(max(50_000, 200 * n), rng)
+        documents = [d for d in np.split(stream, np.flatnonzero(stream == self.eos_id) + 1) if len(d) >= 8][:n]
+        tasks = []
+        for doc in documents:
+            choices = [doc[4:7]] + [rng.integers(0, self.spec.content_tokens, 3) for _ in range(3)]
+            order = rng.permutation(4)
+            tasks.append({"context": " ".join(map(str, doc[:4])),
+                          "choices": [" ".join(map(str, choices[i])) for i in order],
+                          "answer": int(np.flatnonzero(order == 0)[0])})
+        return tasks
+
     def token_nll(self, stream: np.ndarray) -> np.ndarray:
         """-log p(token | all previous tokens) under the true model; the stream must start a document."""
         C, q = self.spec.content_tokens, self.spec.stop_prob
@@ -523,6 +537,8 @@ def synthetic(out: str | Path, *, tokens: int = 2_000_000, seed: int = 0, val_to
         for split, n, stream in (("train", tokens, 0), ("val", val_tokens, 1)):
             sample = language.sample(n, np.random.default_rng([seed, stream]))
             sample.astype(_dtype(language.vocab_size)).tofile(folder / f"{split}.bin")
+        with open(folder / "tasks.jsonl", "w") as f:  # a held-out task for `isoflop score`
+            f.writelines(json.dumps(task) + "\n" for task in language.choice_tasks(200, np.random.default_rng([seed, 2])))
         _write_dataset(folder, "synthetic", language.vocab_size, language.eos_id, {"train": tokens, "val": val_tokens},
                        {"entropy_rate_nats": language.entropy_rate(), "seed": seed,
                         "synthetic": asdict(language.spec)})

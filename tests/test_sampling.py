@@ -3,6 +3,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,17 +245,8 @@ def trained(tmp_path_factory):
 
 
 def synthetic_tasks(n: int, seed: int = 0) -> list[ChoiceTask]:
-    """Context: a document's topic and first 3 tokens; choices: its next 3 tokens, or 3 random content tokens."""
-    language, rng = SyntheticLanguage(), np.random.default_rng(seed)
-    stream = language.sample(50_000, rng)
-    documents = [d for d in np.split(stream, np.flatnonzero(stream == language.eos_id) + 1) if len(d) >= 8][:n]
-    tasks = []
-    for doc in documents:
-        choices = [doc[4:7]] + [rng.integers(0, language.spec.content_tokens, 3) for _ in range(3)]
-        order = rng.permutation(4)
-        tasks.append(ChoiceTask(" ".join(map(str, doc[:4])), tuple(" ".join(map(str, choices[i])) for i in order),
-                                int(np.flatnonzero(order == 0)[0])))
-    return tasks
+    rows = SyntheticLanguage().choice_tasks(n, np.random.default_rng(seed))
+    return [ChoiceTask(r["context"], tuple(r["choices"]), r["answer"]) for r in rows]
 
 
 def test_multiple_choice_on_a_task_the_trained_models_learned(trained):
@@ -284,9 +276,8 @@ def test_cli_sample_and_score(trained, tmp_path, capsys):
     code, out, _ = cli(capsys, "sample", "--checkpoint", arm, "--prompt", "450 3", "--length", 8, "--temperature", 0)
     assert code == 0 and all(0 <= int(t) < 512 for t in out.split()) and len(out.split()) == 8
 
-    tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text("".join(json.dumps({"context": t.context, "choices": list(t.choices), "answer": t.answer}) + "\n"
-                             for t in synthetic_tasks(12)))
+    tasks = tmp_path / "tasks.jsonl"  # the first tasks of the file the synthetic corpus ships with
+    tasks.write_text("".join((Path(mdm).parent / "data" / "tasks.jsonl").read_text().splitlines(keepends=True)[:12]))
     for folder, extra in ((mdm, ["--samples", 8, "--cfg", 0.5]), (arm, [])):
         code, out, _ = cli(capsys, "score", "--checkpoint", folder, "--tasks", tasks, *extra)
         report = json.loads(out)

@@ -29,10 +29,10 @@ def test_models_csv_reproduces_reference(reference_dir, capsys):
             assert printed[name] == round(float(row["nonemb_params_M"]) * 1e6)
 
 
-def test_cpu_ladder_spans_20k_to_5m_and_grows():
+def test_cpu_ladder_spans_2k_to_5m_and_grows():
     sizes = [s.non_embedding_params() for s in CPU_SHAPES.values()]
     assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
-    assert 4_000 <= sizes[0] and sizes[-1] <= 5_000_000
+    assert 2_000 <= sizes[0] and sizes[-1] <= 5_000_000
 
 
 @pytest.mark.parametrize("name", ["cpu-26k", "cpu-1.3M", "smdm-6M"])

@@ -1,4 +1,5 @@
 """Sweeps end to end on CPU with local Ray: grid, MLflow contents, idempotent re-runs, crashes, bad files."""
+import math
 import os
 import signal
 import subprocess
@@ -230,3 +231,33 @@ def test_sizes_rule_brackets_the_predicted_optimum(tmp_path):
         load_sweep(write_sweep(tmp_path, name="both", sizes={"per_budget": 3}))
     with pytest.raises(SweepError, match="storage must be a filesystem path"):
         load_sweep(write_sweep(tmp_path, name="s3", storage="s3://bucket/x"))
+
+
+@pytest.mark.slow
+def test_two_sweeps_share_one_store_and_a_prepared_corpus_works(tmp_path):
+    """Two drivers start at once on one fresh sqlite store; one trains on a corpus from `isoflop data prepare`."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "scaling", "laws", "masked", "diffusion", "tokens", "compute"]
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for _ in range(2000):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))}) + "\n")
+    prepared = isoflop("data", "prepare", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "text"),
+                       "--tokenizer", "bpe:300", timeout=300)
+    assert prepared.returncode == 0, prepared.stderr
+    uri = f"sqlite:///{tmp_path}/shared.db"
+    common = dict(budgets=[4e9], models=["cpu-26k", "cpu-51k"], tracking_uri=uri)
+    sweeps = [write_sweep(tmp_path, name="text", families=["arm"], data=str(tmp_path / "text"), **common),
+              write_sweep(tmp_path, name="synth", families=["mdm"], **common)]
+    drivers = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(p)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for p in sweeps]
+    outputs = [d.communicate(timeout=900)[0] for d in drivers]
+    for driver, output in zip(drivers, outputs):
+        assert driver.returncode == 0, output[-3000:]
+    for name, data in (("text", tmp_path / "text"), ("synth", tmp_path / "data")):
+        _, runs = assert_one_finished_run_per_point(uri, name, 2)
+        meta = json.loads((data / "meta.json").read_text())
+        assert {r.data.params["data_fingerprint"] for r in runs} == {meta["fingerprint"]}
+        assert all(r.data.metrics["val_loss"] < math.log(meta["vocab_size"]) for r in runs)  # learnt something
