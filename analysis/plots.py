@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
 
 from analysis.bootstrap import interval
 from analysis.study import Study
@@ -78,6 +78,10 @@ def isoflop_curves(study: Study):
         lo, hi = runs["loss"].min(), runs["loss"].max()
         ax.set_ylim(lo - 0.08 * (hi - lo), hi + 0.08 * (hi - lo))  # edge parabolas may run off; keep the data in view
         ax.set_xscale("log")
+        # sizes often span less than a decade: label 1-2-5 steps as 2k, 50M, ... instead of crowded powers of ten
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _short_count(v)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("non-embedding parameters N")
         ax.set_ylabel("validation loss (nats/token)")
         ax.set_title(f"{fam.name}: IsoFLOP curves", color=family_colour(fam.name, list(study.families)))
@@ -277,6 +281,13 @@ def _err(value, ci) -> np.ndarray:
     if ci is None or ci[0] is None or ci[1] is None:
         return np.zeros((2, 1))
     return np.array([[max(value - ci[0], 0.0)], [max(ci[1] - value, 0.0)]])
+
+
+def _short_count(v: float) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if v >= scale:
+            return f"{v / scale:g}{suffix}"
+    return f"{v:g}"
 
 
 def _plain_log_y(ax) -> None:
