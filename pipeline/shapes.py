@@ -81,7 +81,7 @@ PAPER_SHAPES = {
 }
 
 # Tiny shapes for CPU demos and tests, about 2k to 5M non-embedding parameters, roughly 1.5x apart.
-# Width and depth grow together (head size 16 or 32) so each step is a sensible model, not a stretched one.
+# Width and depth grow together so each step is a sensible model, not a stretched one.
 CPU_SHAPES = _ladder("cpu", [
     (1, 2, 12, 48), (1, 2, 16, 64), (1, 2, 24, 96), (1, 2, 28, 112), (1, 2, 32, 128), (1, 2, 40, 160), (2, 2, 32, 128), (2, 2, 40, 160), (3, 2, 40, 160), (3, 3, 48, 192),
     (4, 3, 48, 192), (3, 4, 64, 256), (4, 4, 64, 256), (4, 4, 80, 320), (4, 4, 96, 384),

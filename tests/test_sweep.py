@@ -1,6 +1,8 @@
 """Sweeps end to end on CPU with local Ray: grid, MLflow contents, idempotent re-runs, crashes, bad files."""
+import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -236,9 +238,6 @@ def test_sizes_rule_brackets_the_predicted_optimum(tmp_path):
 @pytest.mark.slow
 def test_two_sweeps_share_one_store_and_a_prepared_corpus_works(tmp_path):
     """Two drivers start at once on one fresh sqlite store; one trains on a corpus from `isoflop data prepare`."""
-    import json
-    import random
-
     rng = random.Random(0)
     words = ["alpha", "beta", "gamma", "delta", "scaling", "laws", "masked", "diffusion", "tokens", "compute"]
     with open(tmp_path / "docs.jsonl", "w") as f:
