@@ -74,11 +74,11 @@ def test_paper_sweep_dry_run():
 
 
 def test_bad_sweep_file_reports_every_problem_at_once(tmp_path):
-    path = write_sweep(tmp_path, families=["mdm", "xrm"], budgets=[1e9, -3, "lots"], models=["cpu-26k", "cpu-2k"],
+    path = write_sweep(tmp_path, families=["mdm", "xrm"], budgets=[1e9, -3, "lots"], models=["cpu-26k", "cpu-3k"],
                        trian={"lr": 1}, tracking_uri="http://127.0.0.1:9")
     proc = isoflop("sweep", str(path), timeout=120)
     assert proc.returncode == 2
-    for expected in ("families.1", "'xrm'", "budgets", "unknown shape 'cpu-2k'", "trian: unknown key (did you mean 'train'?)"):
+    for expected in ("families.1", "'xrm'", "budgets", "unknown shape 'cpu-3k'", "trian: unknown key (did you mean 'train'?)"):
         assert expected in proc.stderr, proc.stderr
 
 
