@@ -137,8 +137,12 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab_size] for token ids [B, T]; with a cache, idx continues the cached prefix."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, only: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab_size] for token ids [B, T]; with a cache, idx continues the cached prefix.
+
+        `only` (bool [B, T]) returns the logits of the selected positions alone, [M, vocab_size]: the
+        output head is the largest layer of a small model, and the MDM scores masked positions only.
+        """
         start = cache.length if cache is not None else 0
         end = start + idx.shape[1]
         if end > self.config.seq_len:
@@ -147,7 +151,8 @@ class Transformer(nn.Module):
         x = self.embed(idx)
         for layer, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, layer)
-        return self.head(self.norm(x))
+        x = self.norm(x)
+        return self.head(x if only is None else x[only])
 
     @property
     def mask_token_id(self) -> int | None:

@@ -33,9 +33,10 @@ def mdm_loss(model: Transformer, block: torch.Tensor, t: torch.Tensor, u: torch.
     x = block[:, 1:]
     p = ((1 - eps) * t + eps).unsqueeze(1)                      # [B, 1] mask probability
     masked = u < p                                              # [B, L] each token masked with prob p
-    logits = model(torch.where(masked, model.mask_token_id, x))
-    ce = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none")
-    return (ce * masked / p).sum(dim=1) / x.shape[1]
+    logits = model(torch.where(masked, model.mask_token_id, x), only=masked)  # [M, V], masked positions only
+    row = masked.nonzero()[:, 0]                                # the sequence of each masked position
+    ce = F.cross_entropy(logits.float(), x[masked], reduction="none") / p[row, 0]
+    return torch.zeros(x.shape[0], dtype=ce.dtype, device=ce.device).index_add_(0, row, ce) / x.shape[1]
 
 
 @dataclass(frozen=True)
