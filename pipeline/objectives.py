@@ -34,9 +34,9 @@ def mdm_loss(model: Transformer, block: torch.Tensor, t: torch.Tensor, u: torch.
     p = ((1 - eps) * t + eps).unsqueeze(1)                      # [B, 1] mask probability
     masked = u < p                                              # [B, L] each token masked with prob p
     logits = model(torch.where(masked, model.mask_token_id, x), only=masked)  # [M, V], masked positions only
-    row = masked.nonzero()[:, 0]                                # the sequence of each masked position
-    ce = F.cross_entropy(logits.float(), x[masked], reduction="none") / p[row, 0]
-    return torch.zeros(x.shape[0], dtype=ce.dtype, device=ce.device).index_add_(0, row, ce) / x.shape[1]
+    ce = F.cross_entropy(logits.float(), x[masked], reduction="none")
+    ce = torch.zeros(x.shape, dtype=ce.dtype, device=ce.device).masked_scatter(masked, ce)  # [B, L], 0 if unmasked
+    return (ce / p).sum(dim=1) / x.shape[1]
 
 
 @dataclass(frozen=True)
