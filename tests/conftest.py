@@ -1,4 +1,6 @@
+import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,16 @@ def reference_dir() -> Path:
     if not REFERENCE.is_dir():
         pytest.skip(f"reference data not found at {REFERENCE} (it ships with CI, not with a clone)")
     return REFERENCE
+
+
+def write_word_jsonl(path: Path, documents: int) -> Path:
+    """A small user corpus for `isoflop data prepare`: jsonl documents of 20-80 words from a 10-word vocabulary."""
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "scaling", "laws", "masked", "diffusion", "tokens", "compute"]
+    with open(path, "w") as f:
+        for _ in range(documents):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))}) + "\n")
+    return path
 
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

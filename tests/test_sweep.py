@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_word_jsonl
 from mlflow.tracking import MlflowClient
 
 from pipeline.distributed import free_port
@@ -238,12 +238,8 @@ def test_sizes_rule_brackets_the_predicted_optimum(tmp_path):
 @pytest.mark.slow
 def test_two_sweeps_share_one_store_and_a_prepared_corpus_works(tmp_path):
     """Two drivers start at once on one fresh sqlite store; one trains on a corpus from `isoflop data prepare`."""
-    rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "scaling", "laws", "masked", "diffusion", "tokens", "compute"]
-    with open(tmp_path / "docs.jsonl", "w") as f:
-        for _ in range(2000):
-            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))}) + "\n")
-    prepared = isoflop("data", "prepare", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "text"),
+    docs = write_word_jsonl(tmp_path / "docs.jsonl", 2000)
+    prepared = isoflop("data", "prepare", str(docs), "--out", str(tmp_path / "text"),
                        "--tokenizer", "bpe:300", timeout=300)
     assert prepared.returncode == 0, prepared.stderr
     uri = f"sqlite:///{tmp_path}/shared.db"

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import write_word_jsonl
 
 from pipeline.config import RunSpec, TrainConfig
 from pipeline.data import synthetic
@@ -75,14 +76,8 @@ def run_cli(*args, timeout=600):
 @pytest.fixture(scope="module")
 def prepared_text(tmp_path_factory):
     """A user corpus through `isoflop data prepare`: jsonl documents, byte tokenizer."""
-    import random
-
     folder = tmp_path_factory.mktemp("text")
-    rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "scaling", "laws", "masked", "diffusion", "tokens", "compute"]
-    with open(folder / "docs.jsonl", "w") as f:
-        for _ in range(400):
-            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))}) + "\n")
+    write_word_jsonl(folder / "docs.jsonl", 400)
     proc = run_cli("data", "prepare", str(folder / "docs.jsonl"), "--out", str(folder / "prepared"), "--val-fraction", "0.1")
     assert proc.returncode == 0, proc.stderr
     return folder / "prepared"
