@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import replace
@@ -13,10 +12,10 @@ import pandas as pd
 from analysis.bootstrap import DEFAULT_RESAMPLES
 from analysis.plots import plot_all
 from analysis.report import write_fits, write_report
-from analysis.runs import RunsError, clean, conform, from_mlflow, parse_map, read_table, write_table
+from analysis.runs import clean, conform, from_mlflow, parse_map, read_table, write_table
 from analysis.study import Settings, analyze
-
-DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+from pipeline.errors import RunsError
+from pipeline.mlflow_keys import DEFAULT_TRACKING_URI, resolve_uri
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +111,7 @@ def _load(args: argparse.Namespace) -> tuple[pd.DataFrame, dict, list[str]]:
     if args.runs:
         raw, source = read_table(args.runs), {"source": str(args.runs)}
     else:
-        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        uri = resolve_uri(args.tracking_uri)  # as the sweep resolves it, so both open the same sqlite file
         raw = from_mlflow(args.experiment, uri, finished_only=False)  # clean() names the unfinished ones
         source = {"source": f"MLflow experiment {args.experiment} at {uri}"}
     table, notes = clean(conform(raw, mapping))

@@ -5,6 +5,7 @@ The fit and its bootstrap resamples are rows of one loss matrix (row 0: the data
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -91,6 +92,13 @@ def fit_power_law(x, y) -> PowerLaw:
     return PowerLaw(float(np.exp(log_coef[0])), float(exponent[0]), n_points=len(x))
 
 
+class CurveFit(NamedTuple):
+    """One IsoFLOP curve fitted on every row of the loss matrix (row 0: the data, rows 1..R: resamples)."""
+    bucket: BucketOptimum
+    optima: np.ndarray  # (3, R+1): ln N*, ln D*, L* per row; NaN without a parabola
+    interior: np.ndarray  # (R+1,) bool: the row's minimum lies within the sampled sizes
+
+
 def fit_isoflop(params: np.ndarray, tokens: np.ndarray, loss: np.ndarray, labels: np.ndarray,
                 budgets: np.ndarray, n_resamples: int = 0, rng: np.random.Generator | None = None,
                 family: str = "") -> IsoflopFit:
@@ -104,31 +112,8 @@ def fit_isoflop(params: np.ndarray, tokens: np.ndarray, loss: np.ndarray, labels
         notes.append(f"{family}: Approach 2 not applicable: no budget has >= {MIN_SIZES} model sizes "
                      f"(sizes per budget: {per_budget})")
     samples = _resample_losses(x, loss, curves, curved, n_resamples, rng or np.random.default_rng(0), notes, family)
-    boot = len(samples) > 1
-    opt = np.full((3, len(samples), len(budgets)), np.nan)  # ln N*, ln D*, L* per resample and bucket
-    interior = np.zeros((len(samples), len(budgets)), dtype=bool)
-    buckets = []
-    for k, idx in enumerate(curves):
-        sizes = np.unique(params[idx])
-        base = dict(budget=float(budgets[k]), n_runs=len(idx), n_sizes=len(sizes),
-                    n_range=(float(sizes.min()), float(sizes.max())))
-        if not curved[k]:
-            buckets.append(BucketOptimum(**base, edge=False, note=f"{len(sizes)} size(s): no parabola"))
-            continue
-        if sizes.max() / sizes.min() > WIDEST_SPAN:
-            notes.append(f"{family}: C={budgets[k]:.3g} samples sizes over a {sizes.max() / sizes.min():.0f}x range; "
-                         "grids wider than about ±8x around N* bias the parabola's optimum (DESIGN §5)")
-        q, xs, ls, lds, ok = _parabolas(x[idx], log_d[idx], samples[:, idx])
-        opt[:, :, k], interior[:, k] = (xs, lds, ls), ok
-        note = None
-        if not ok[0]:
-            note = _edge_reason(q, xs[0], sizes)
-            notes.append(f"{family}: C={budgets[k]:.3g} optimum at the edge ({note}); excluded from the power-law fits")
-        ci = [_ci(v[1:, k], interior[1:, k]) if boot else None for v in (*opt, opt[1] - opt[0])]
-        buckets.append(BucketOptimum(
-            **base, edge=not ok[0], note=note, parabola=tuple(float(v) for v in q),
-            n_opt=float(np.exp(xs[0])), d_opt=float(np.exp(lds[0])), l_opt=float(ls[0]),
-            n_opt_ci=_exp(ci[0]), d_opt_ci=_exp(ci[1]), l_opt_ci=ci[2], tokens_per_param_ci=_exp(ci[3])))
+    fits = [fit_curve(c, params[idx], log_d[idx], samples[:, idx], family, notes) for c, idx in zip(budgets, curves)]
+    buckets = [f.bucket for f in fits]
     if not any(curved):
         return IsoflopFit(applicable=False, buckets=buckets, notes=notes)
     usable = np.array([b.usable for b in buckets])
@@ -136,24 +121,67 @@ def fit_isoflop(params: np.ndarray, tokens: np.ndarray, loss: np.ndarray, labels
         notes.append(f"{family}: power laws need interior optima at >= 2 budgets, have {usable.sum()}; "
                      "N*(C), D*(C), L*(C) not fitted")
         return IsoflopFit(applicable=True, buckets=buckets, notes=notes)
-
-    mask = interior & usable[None, :]  # a resample drops a curve whose optimum moved to the edge
-    log_c = np.log(budgets)
-    laws, draws = {}, {}
-    for name, values in (("n_opt", opt[0]), ("d_opt", opt[1]), ("l_opt", np.log(np.where(mask, opt[2], 1.0)))):
-        log_coef, exponent = _loglog(log_c, np.where(mask, values, 0.0), mask)
-        coef_ci = exponent_ci = None
-        if boot:
-            draws[name] = np.stack([log_coef[1:], exponent[1:]], axis=1)
-            coef_ci, exponent_ci = _exp(_ci(log_coef[1:])), _ci(exponent[1:])
-        laws[name] = PowerLaw(float(np.exp(log_coef[0])), float(exponent[0]), coef_ci, exponent_ci,
-                              n_points=int(usable.sum()))
+    optima = np.stack([f.optima for f in fits], axis=-1)  # (3, R+1, buckets)
+    # a resample drops a curve whose optimum moved to the edge
+    mask = np.stack([f.interior for f in fits], axis=-1) & usable[None, :]
+    laws, draws = fit_optima_laws(budgets, optima, mask)
     failed = int(np.isnan(draws["n_opt"][:, 1]).sum()) if draws else 0
     if failed:
         notes.append(f"{family}: {failed} of {len(samples) - 1} bootstrap resamples had < 2 interior optima "
                      "and were left out of the intervals")
     return IsoflopFit(applicable=True, buckets=buckets, notes=notes, n_opt_law=laws["n_opt"],
                       d_opt_law=laws["d_opt"], l_opt_law=laws["l_opt"], draws=draws, failed_resamples=failed)
+
+
+def fit_curve(budget: float, params: np.ndarray, log_d: np.ndarray, samples: np.ndarray, family: str = "",
+              notes: list[str] | None = None) -> CurveFit:
+    """The parabola and optimum of one budget's runs; `samples` (R+1, runs) holds the losses, row 0 the data.
+
+    Problems (too wide a grid, an edge optimum) are appended to `notes`.
+    """
+    notes = [] if notes is None else notes
+    sizes = np.unique(params)
+    base = dict(budget=float(budget), n_runs=len(params), n_sizes=len(sizes),
+                n_range=(float(sizes.min()), float(sizes.max())))
+    rows = len(samples)
+    if len(sizes) < MIN_SIZES:
+        bucket = BucketOptimum(**base, edge=False, note=f"{len(sizes)} size(s): no parabola")
+        return CurveFit(bucket, np.full((3, rows), np.nan), np.zeros(rows, dtype=bool))
+    if sizes.max() / sizes.min() > WIDEST_SPAN:
+        notes.append(f"{family}: C={budget:.3g} samples sizes over a {sizes.max() / sizes.min():.0f}x range; "
+                     "grids wider than about ±8x around N* bias the parabola's optimum (docs/method.md §6)")
+    q, xs, ls, lds, ok = _parabolas(np.log(params), log_d, samples)
+    note = None
+    if not ok[0]:
+        note = _edge_reason(q, xs[0], sizes)
+        notes.append(f"{family}: C={budget:.3g} optimum at the edge ({note}); excluded from the power-law fits")
+    ci = [_ci(v[1:], ok[1:]) if rows > 1 else None for v in (xs, lds, ls, lds - xs)]
+    bucket = BucketOptimum(
+        **base, edge=not ok[0], note=note, parabola=tuple(float(v) for v in q),
+        n_opt=float(np.exp(xs[0])), d_opt=float(np.exp(lds[0])), l_opt=float(ls[0]),
+        n_opt_ci=_exp(ci[0]), d_opt_ci=_exp(ci[1]), l_opt_ci=ci[2], tokens_per_param_ci=_exp(ci[3]))
+    return CurveFit(bucket, np.stack([xs, lds, ls]), ok)
+
+
+def fit_optima_laws(budgets: np.ndarray, optima: np.ndarray, mask: np.ndarray
+                    ) -> tuple[dict[str, PowerLaw], dict[str, np.ndarray]]:
+    """Power laws N*(C), D*(C), L*(C) through the optima (3, R+1, buckets) of each row, over its `mask`ed buckets.
+
+    Row 0 gives the laws and rows 1..R their intervals and (ln coef, exponent) draws (none when R = 0).
+    """
+    log_c = np.log(budgets)
+    boot = optima.shape[1] > 1
+    laws, draws = {}, {}
+    log_l = np.log(np.where(mask, optima[2], 1.0))  # L* comes unlogged; masked-out entries may be NaN
+    for name, values in (("n_opt", optima[0]), ("d_opt", optima[1]), ("l_opt", log_l)):
+        log_coef, exponent = _loglog(log_c, np.where(mask, values, 0.0), mask)
+        coef_ci = exponent_ci = None
+        if boot:
+            draws[name] = np.stack([log_coef[1:], exponent[1:]], axis=1)
+            coef_ci, exponent_ci = _exp(_ci(log_coef[1:])), _ci(exponent[1:])
+        laws[name] = PowerLaw(float(np.exp(log_coef[0])), float(exponent[0]), coef_ci, exponent_ci,
+                              n_points=int(mask[0].sum()))
+    return laws, draws
 
 
 def _resample_losses(x, loss, curves, curved, n_resamples, rng, notes, family) -> np.ndarray:

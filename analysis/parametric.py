@@ -1,4 +1,4 @@
-"""Approach 3: the Chinchilla law L(N, D) = E + A/N^alpha + B/D^beta (DESIGN §5).
+"""Approach 3: the Chinchilla law L(N, D) = E + A/N^alpha + B/D^beta (docs/method.md §6).
 
 Minimise the *summed* Huber loss of LSE(a - alpha ln N, b - beta ln D, e) - ln L (E = e^e, A = e^a,
 B = e^b) with L-BFGS from a grid of starts; bootstrap refits start from the full-data optimum.

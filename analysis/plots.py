@@ -20,7 +20,7 @@ from analysis.study import Study
 FAMILY_COLOURS = {"arm": "#1f5fa8", "mdm": "#c8402a"}
 OTHER_COLOURS = ["#2a9d4b", "#8e44ad", "#d08c00", "#555555", "#17becf"]
 BUDGET_CMAP = "viridis"
-KIND_TITLES = {"power_law": "on IsoFLOP power-law frontiers $L^* = k\\,C^{\\gamma}$",
+KIND_TITLES = {"power_law": "on IsoFLOP power-law frontiers $L^* = K\\,C^{-\\gamma}$",
                "saturating": "on Chinchilla-law frontiers $L^* = E + K\\,C^{-\\gamma}$"}
 STYLE = {"figure.dpi": 110, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.3,
          "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False, "font.size": 9}
@@ -105,20 +105,13 @@ def frontiers(study: Study):
     order = list(study.families)
     c_lo = min(f.runs["budget"].min() for f in fams) / 1.5
     c_hi = max(f.runs["budget"].max() for f in fams) * 1.5
-    gap = next(iter(study.gaps), None)
-    if gap is not None and gap.at and gap.at[0].gap is not None:
-        ref = study.families[gap.reference].frontiers[gap.kind]
-        c_ref = float(np.exp(ref.log_compute(gap.at[0].loss)))
+    gap, c_ref = _gap_arrow(study)
+    if gap is not None:
         c_lo, c_hi = min(c_lo, c_ref / 1.5), max(c_hi, c_ref * gap.at[0].gap * 1.5)
     budgets = np.geomspace(c_lo, c_hi, 200)
     for fam in fams:
         colour = family_colour(fam.name, order)
-        ok = [b for b in fam.isoflop.buckets if b.usable]
-        if ok:
-            yerr = np.hstack([_err(b.l_opt, b.l_opt_ci) for b in ok])
-            ax.errorbar([b.budget for b in ok], [b.l_opt for b in ok], yerr=yerr, fmt="o", ms=5, color=colour,
-                        capsize=2, label=f"{fam.name}: IsoFLOP optima L*")
-        _edge_markers(ax, fam, "l_opt", colour)
+        _optima(ax, fam, "l_opt", colour, label=f"{fam.name}: IsoFLOP optima L*")
         for kind, style in (("power_law", "-"), ("saturating", ":")):
             if kind not in fam.frontiers:
                 continue
@@ -129,10 +122,8 @@ def frontiers(study: Study):
                      else f"{fam.name}: $L^* = {fr.E:.3g} + {law}$")
             ax.plot(budgets[inside], fr.loss(budgets[inside]), style, color=colour, lw=1.6, label=label)
             ax.plot(budgets, fr.loss(budgets), style, color=colour, lw=0.9, alpha=0.45)
-    if gap is not None and gap.at and gap.at[0].gap is not None:
+    if gap is not None:
         point = gap.at[0]
-        ref = study.families[gap.reference].frontiers[gap.kind]
-        c_ref = float(np.exp(ref.log_compute(point.loss)))
         ax.annotate("", xy=(c_ref * point.gap, point.loss), xytext=(c_ref, point.loss),
                     arrowprops={"arrowstyle": "<->", "color": "k", "lw": 1.0})
         ax.text(np.sqrt(c_ref * c_ref * point.gap), point.loss, f"{gap.other} needs {point.gap:.3g}× the {gap.reference}'s\ncompute at L = {point.loss:.3g}",
@@ -158,13 +149,8 @@ def optimal_allocation(study: Study):
     for fam in fams:
         colour = family_colour(fam.name, order)
         c = np.geomspace(fam.runs["budget"].min() / 1.2, fam.runs["budget"].max() * 1.2, 100)
-        ok = [b for b in fam.isoflop.buckets if b.usable]
         for ax, attr, law_name in ((axes[0], "n_opt", "n_opt_law"), (axes[1], "d_opt", "d_opt_law")):
-            if ok:
-                values = [getattr(b, attr) for b in ok]
-                yerr = np.hstack([_err(getattr(b, attr), getattr(b, attr + "_ci")) for b in ok])
-                ax.errorbar([b.budget for b in ok], values, yerr=yerr, fmt="o", ms=5, color=colour, capsize=2)
-            _edge_markers(ax, fam, attr, colour)
+            _optima(ax, fam, attr, colour)
             law = getattr(fam.isoflop, law_name)
             if law is not None:
                 ax.plot(c, law(c), "-", color=colour, lw=1.5,
@@ -256,12 +242,27 @@ FIGURES = {"isoflop_curves": isoflop_curves, "frontiers": frontiers, "optimal_al
            "compute_gap": compute_gap, "parametric_residuals": parametric_residuals}
 
 
-def _edge_markers(ax, fam, attr: str, colour: str) -> None:
-    """Edge optima, shown but left out of the fits."""
+def _optima(ax, fam, attr: str, colour: str, label: str | None = None) -> None:
+    """A family's IsoFLOP optima of `attr` (n_opt, d_opt or l_opt) against C: interior ones with their
+    intervals, edge ones as crosses (shown but left out of the fits)."""
+    ok = [b for b in fam.isoflop.buckets if b.usable]
+    if ok:
+        yerr = np.hstack([_err(getattr(b, attr), getattr(b, attr + "_ci")) for b in ok])
+        ax.errorbar([b.budget for b in ok], [getattr(b, attr) for b in ok], yerr=yerr, fmt="o", ms=5, color=colour,
+                    capsize=2, label=label)
     edge = [b for b in fam.isoflop.buckets if b.edge]
     if edge:
         ax.scatter([b.budget for b in edge], [getattr(b, attr) for b in edge], marker="x", s=40, color=colour,
                    label=f"{fam.name}: edge optimum (excluded)", zorder=4)
+
+
+def _gap_arrow(study: Study):
+    """(gap, C_ref) for the arrow at the first gap's first loss; (None, None) when that gap has no value."""
+    gap = next(iter(study.gaps), None)
+    if gap is None or not gap.at or gap.at[0].gap is None:
+        return None, None
+    ref = study.families[gap.reference].frontiers[gap.kind]
+    return gap, float(np.exp(ref.log_compute(gap.at[0].loss)))
 
 
 def _num(x: float) -> str:

@@ -140,8 +140,8 @@ def _report_lines(study: Study, fits: dict, figures: dict[str, list[Path]]) -> l
              f"Budgets within {s.budget_tolerance:.0%} of each other form one IsoFLOP curve. "
              "Losses are validation nats/token; N counts non-embedding parameters.", ""]
     if "mdm" in study.families:
-        lines += ["Note: the MDM loss is an upper bound on its NLL (the ELBO), compared here directly with the ARM's "
-                  "cross-entropy, as in the paper.", ""]
+        lines += ["Note: the MDM loss is the negative ELBO, an upper bound on its NLL, compared here directly with "
+                  "the ARM's cross-entropy, as in the paper (docs/method.md §2).", ""]
     if study.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in study.notes] + [""]
 

@@ -1,7 +1,8 @@
 """The runs table: read it from a file or MLflow, rename columns, derive tokens, drop unusable rows.
 
-Schema (DESIGN §3): family, budget (C, FLOPs), params (N, non-embedding), tokens (D), loss (nats/token),
-plus optional run_id, status, flops_convention and entropy_rate_nats.
+Schema: family, budget (C, FLOPs), params (N, non-embedding), tokens (D), loss (validation nats/token),
+plus optional run_id, status, flops_convention and entropy_rate_nats. N and C are counted as in
+docs/method.md §3, the loss as in §2.
 """
 from __future__ import annotations
 
@@ -10,16 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.errors import RunsError
+from pipeline.mlflow_keys import FINISHED, HASH_TAG
+
 REQUIRED = ("budget", "params", "loss")
 COLUMNS = ("family", "budget", "params", "tokens", "loss", "run_id", "status", "flops_convention",
            "entropy_rate_nats")
 NUMERIC = ("budget", "params", "tokens", "loss")
-FINISHED = "FINISHED"
-HASH_TAG = "isoflop.run_hash"  # the sweep tags each grid point's run with it; the parent run has none
-
-
-class RunsError(ValueError):
-    """The runs table cannot be used; the message says what is wrong and where."""
 
 
 def parse_map(items: list[str] | None) -> dict[str, str]:

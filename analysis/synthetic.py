@@ -6,7 +6,8 @@ import pandas as pd
 
 from analysis.parametric import ChinchillaLaw
 
-# Two families about 20x apart in compute, the MDM's N* about half the ARM's,, in the paper's range of budgets and losses
+# Two families about 16x apart in compute where their losses meet, the MDM's N* about half the ARM's, in the
+# paper's range of budgets and losses (docs/method.md §8)
 TRUTH = {"arm": ChinchillaLaw(E=1.80, A=480.0, B=2100.0, alpha=0.35, beta=0.37),
          "mdm": ChinchillaLaw(E=1.85, A=600.0, B=4200.0, alpha=0.35, beta=0.37)}
 BUDGETS = (6e18, 1e19, 3e19, 6e19, 1e20)

@@ -12,8 +12,10 @@ import tempfile
 import torch
 
 from pipeline.config import RunSpec, TrainConfig
-from pipeline.data import synthetic
+from pipeline.family import FAMILIES
+from pipeline.flops import budget_for_steps
 from pipeline.shapes import resolve_shape
+from pipeline.synthetic import synthetic
 from pipeline.train import Reporter, train
 
 
@@ -36,13 +38,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = synthetic(f"{tmp}/data", tokens=4_000_000, seed=0).path
         for name in args.models.split(","):
-            for family in ("arm", "mdm"):
+            for family in FAMILIES:
                 cfg = TrainConfig(seq_len=2048, batch_size=4 * args.micro_batch, micro_batch_size=args.micro_batch,
                                   lr=2e-4, warmup_min_steps=5, log_every=10, checkpoint_every=0, eval_samples=1,
                                   val_blocks=1, zero_stage=0, precision="bf16")
                 shape = resolve_shape(name)
-                tokens = args.steps * cfg.batch_size * cfg.seq_len
-                spec = RunSpec(family=family, shape=shape, budget=6.0 * shape.non_embedding_params() * tokens, train=cfg)
+                budget = budget_for_steps(shape, args.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
+                spec = RunSpec(family=family, shape=shape, budget=budget, train=cfg)
                 last = Last()
                 train(spec, data_dir, f"{tmp}/{name}-{family}", reporter=last, verbose=False)
                 steady = last.rows[1:] or last.rows

@@ -12,12 +12,14 @@ import argparse
 import statistics
 import tempfile
 
-import torch
-
 from pipeline.config import RunSpec, TrainConfig
-from pipeline.data import load_dataset, synthetic
-from pipeline.model import ModelConfig, Transformer
-from pipeline.objectives import sequence_losses
+from pipeline.data import load_dataset
+from pipeline.family import FAMILIES
+from pipeline.flops import budget_for_steps
+from pipeline.noise import MonteCarlo
+from pipeline.run_folder import RunFolder
+from pipeline.shapes import resolve_shape
+from pipeline.synthetic import synthetic
 from pipeline.train import train
 
 
@@ -33,16 +35,17 @@ def main() -> None:
         data_dir = synthetic(f"{tmp}/data", tokens=1_000_000, seed=0).path
         cfg = TrainConfig(seq_len=args.seq_len, batch_size=16, lr=3e-3, warmup_min_steps=10, log_every=50, checkpoint_every=0,
                           eval_samples=4, val_blocks=4, zero_stage=0)
-        spec = RunSpec(family="mdm", shape="cpu-197k", budget=6 * 197056 * 16 * args.seq_len * 800, train=cfg)
-        trained = train(spec, data_dir, f"{tmp}/run", verbose=False)
-        model = Transformer(ModelConfig(spec.shape, load_dataset(data_dir).info.vocab_size, cfg.seq_len, causal=False))
-        model.load_state_dict(torch.load(f"{tmp}/run/model.pt"))
+        shape = resolve_shape("cpu-197k")
+        budget = budget_for_steps(shape, 800, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
+        trained = train(RunSpec(family="mdm", shape=shape, budget=budget, train=cfg), data_dir, f"{tmp}/run", verbose=False)
+        model = RunFolder(f"{tmp}/run").load().model
         blocks = load_dataset(data_dir).val_blocks(seq_len=cfg.seq_len, max_blocks=args.sequences)
     print(f"trained tiny MDM: val bound {trained.val_loss:.4f} nats/token; {len(blocks)} sequences, K={args.samples}")
     spread = {}
     for name, stratified in (("stratified", True), ("iid", False)):
-        values = [sequence_losses("mdm", model, blocks, samples=args.samples, seed=seed, batch_size=256,
-                                  stratified=stratified).mean().item() for seed in range(args.repeats)]
+        values = [FAMILIES["mdm"].sequence_losses(model, blocks, MonteCarlo(args.samples, seed, stratified=stratified,
+                                                                           batch_size=256)).mean().item()
+                  for seed in range(args.repeats)]
         spread[name] = statistics.stdev(values)
         print(f"{name:>10}: mean {statistics.mean(values):.4f}, standard error {spread[name]:.5f} over {args.repeats} seeds")
     print(f"mdm_eval_variance ratio (iid SE / stratified SE): {spread['iid'] / spread['stratified']:.2f}  target >= 2")

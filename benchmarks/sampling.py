@@ -20,11 +20,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from pipeline.checkpoint import Checkpoint, load_checkpoint
 from pipeline.config import RunSpec, TrainConfig
-from pipeline.data import load_dataset, synthetic
+from pipeline.data import load_dataset
+from pipeline.family import FAMILIES
+from pipeline.flops import budget_for_steps
+from pipeline.run_folder import RunFolder, TrainedModel
 from pipeline.sampling import ArmSampling, MdmSampling, Sample, arm_sample, mdm_sample
 from pipeline.shapes import resolve_shape
+from pipeline.synthetic import synthetic
 
 
 @dataclass
@@ -49,26 +52,24 @@ def train_pair(args) -> dict[str, Path]:
     cfg = TrainConfig(seq_len=args.seq_len, batch_size=args.train_batch, lr=2e-3, warmup_min_steps=20, zero_stage=0,
                       eval_samples=16, val_blocks=32, checkpoint_every=0, log_every=100)
     shape = resolve_shape(args.shape)
-    budget = 6 * shape.non_embedding_params() * cfg.batch_size * cfg.seq_len * args.train_steps
+    budget = budget_for_steps(shape, args.train_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
     folders = {}
-    for family in ("mdm", "arm"):
-        compute = args.mdm_compute if family == "mdm" else 1
-        spec = RunSpec(family=family, shape=shape, budget=budget * compute, train=cfg,
+    for family in FAMILIES.values():
+        compute = {"mdm": args.mdm_compute}.get(family.name, 1)  # the paper's claim trains the MDM longer
+        spec = RunSpec(family=family.name, shape=shape, budget=budget * compute, train=cfg,
                        data_fingerprint=load_dataset(data).info.fingerprint)
-        folder = Path(args.out) / "models" / family
-        done = folder / "result.json"
-        if not (done.exists() and json.loads(done.read_text())["result"]["run_hash"] == spec.run_hash):
-            result = train(spec, data, folder, verbose=False)
-            print(f"trained {family}: val {'bound' if family == 'mdm' else 'loss'} {result.val_loss:.3f} nats/token "
-                  f"in {result.seconds:.0f}s")
-        folders[family] = folder
+        folder = RunFolder(Path(args.out) / "models" / family.name)
+        if not folder.is_finished(spec.run_hash):
+            result = train(spec, data, folder.path, verbose=False)
+            print(f"trained {family.name}: val {family.bound} {result.val_loss:.3f} nats/token in {result.seconds:.0f}s")
+        folders[family.name] = folder.path
     return folders
 
 
-def load_pair(paths: list[str] | None, args) -> tuple[Checkpoint, Checkpoint]:
-    checkpoints = [load_checkpoint(p) for p in paths] if paths else [load_checkpoint(p) for p in train_pair(args).values()]
-    by_family = {c.family: c for c in checkpoints}
-    if set(by_family) != {"mdm", "arm"}:
+def load_pair(paths: list[str] | None, args) -> tuple[TrainedModel, TrainedModel]:
+    loaded = [RunFolder(p).load() for p in (paths or train_pair(args).values())]
+    by_family = {c.family.name: c for c in loaded}
+    if set(by_family) != set(FAMILIES):
         raise SystemExit("--checkpoint: give one MDM and one ARM folder")
     mdm, arm = by_family["mdm"], by_family["arm"]
     if mdm.description["spec"]["shape"] != arm.description["spec"]["shape"]:
@@ -76,7 +77,7 @@ def load_pair(paths: list[str] | None, args) -> tuple[Checkpoint, Checkpoint]:
     return mdm, arm
 
 
-def gen_ppl(arm: Checkpoint, tokens: torch.Tensor, prompt_len: int) -> float:
+def gen_ppl(arm: TrainedModel, tokens: torch.Tensor, prompt_len: int) -> float:
     """exp(mean NLL) of the generated tokens under the ARM, each given everything before it."""
     with torch.inference_mode():
         logp = F.log_softmax(arm.model(tokens[:, :-1]).double(), dim=-1).gather(-1, tokens[:, 1:, None])
@@ -96,7 +97,7 @@ class Config:
     draw: Callable[[int], Sample]  # seed -> a batch of samples
 
 
-def measure(configs: list[Config], arm: Checkpoint, args) -> list[Row]:
+def measure(configs: list[Config], arm: TrainedModel, args) -> list[Row]:
     """Each repeat runs every configuration once, so a burst of load on the shared machine hits all alike."""
     for config in configs:
         config.draw(0)  # warm-up: first calls pay for allocation
@@ -118,7 +119,7 @@ def measure(configs: list[Config], arm: Checkpoint, args) -> list[Row]:
     return rows
 
 
-def data_row(arm: Checkpoint, args) -> Row:
+def data_row(arm: TrainedModel, args) -> Row:
     """Held-out text, as many sequences as the samplers made: what the quality columns should approach."""
     blocks = load_dataset(arm.data).val_blocks(seq_len=args.length, max_blocks=args.batch * args.repeats)
     tokens = blocks.to(arm.device)  # the first token stands in for the prompt: the rest are scored given it
@@ -216,7 +217,7 @@ def main() -> None:
     rows = measure(configs, arm, args)
     rows.append(data_row(arm, args))
 
-    trained = {c.family: c.description["result"] for c in (mdm, arm)}
+    trained = {c.family.name: c.description["result"] for c in (mdm, arm)}
     print(f"shape {mdm.description['spec']['shape']}, context {mdm.model.config.seq_len}; MDM val bound "
           f"{trained['mdm']['val_loss']:.3f}, ARM val loss {trained['arm']['val_loss']:.3f} nats/token "
           f"(MDM trained on {trained['mdm']['flops'] / trained['arm']['flops']:.3g}x the ARM's FLOPs)")

@@ -13,10 +13,12 @@ import time
 import torch
 
 from pipeline.config import RunSpec, TrainConfig
-from pipeline.data import load_dataset, synthetic
-from pipeline.model import ModelConfig, Transformer
-from pipeline.objectives import FAMILIES, diffusion_times, generator
+from pipeline.data import load_dataset
+from pipeline.family import FAMILIES
+from pipeline.flops import budget_for_steps
+from pipeline.model import Transformer
 from pipeline.shapes import resolve_shape
+from pipeline.synthetic import synthetic
 from pipeline.train import Reporter, lr_at, train
 
 
@@ -31,9 +33,9 @@ class Timer(Reporter):
 
 
 def bare_loop(spec: RunSpec, data, steps: int, warmup: int) -> float:
-    cfg, objective = spec.train, FAMILIES[spec.family]
+    cfg, family = spec.train, FAMILIES[spec.family]
     torch.manual_seed(cfg.seed)
-    model = Transformer(ModelConfig(spec.shape, data.info.vocab_size, cfg.seq_len, objective.causal))
+    model = Transformer(family.model_config(spec.shape, data.info.vocab_size, cfg.seq_len))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     for step in range(steps):
         if step == warmup:
@@ -41,9 +43,7 @@ def bare_loop(spec: RunSpec, data, steps: int, warmup: int) -> float:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, cfg)
         block = data.train_batch(step=step, rank=0, world_size=1, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
-        t = diffusion_times(cfg.batch_size, generator(cfg.seed, step, 0))
-        u = torch.rand(cfg.batch_size, cfg.seq_len, generator=generator(cfg.seed, step, 1, 0))
-        loss = objective.loss(model, block, t, u, cfg.mdm_eps).mean()
+        loss = family.loss(model, block, family.training_noise(cfg, step, 0, cfg.batch_size)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -54,7 +54,7 @@ def bare_loop(spec: RunSpec, data, steps: int, warmup: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="mdm", choices=("mdm", "arm"))
+    parser.add_argument("--family", default="mdm", choices=sorted(FAMILIES))
     parser.add_argument("--model", default="cpu-591k")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--zero-stage", type=int, default=0)
@@ -67,7 +67,7 @@ def main() -> None:
         cfg = TrainConfig(seq_len=128, batch_size=16, lr=1e-3, warmup_min_steps=10, log_every=warmup,
                           checkpoint_every=0, eval_samples=1, val_blocks=1, zero_stage=args.zero_stage)
         shape = resolve_shape(args.model)
-        budget = 6 * shape.non_embedding_params() * cfg.batch_size * cfg.seq_len * args.steps
+        budget = budget_for_steps(shape, args.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
         spec = RunSpec(family=args.family, shape=shape, budget=budget, train=cfg)
         ratios = []
         for repeat in range(args.repeats):  # alternate, so drift in machine speed hits both sides

@@ -1,14 +1,16 @@
-"""The `isoflop` command: thin subcommands over the library. Heavy imports happen inside each one."""
+"""The `isoflop` command: thin subcommands over the library. Heavy imports happen inside each one.
+
+Errors a user can fix (the IsoflopError family) are printed as one line with exit code 2; anything
+else is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
 
-
-class UsageError(Exception):
-    """Bad input found before any compute is spent: printed as one line, exit code 2."""
+from pipeline.errors import ConfigError, IsoflopError
+from pipeline.mlflow_keys import DEFAULT_TRACKING_URI
 
 
 def cmd_models(args) -> int:
@@ -28,9 +30,9 @@ def cmd_models(args) -> int:
 
 
 def cmd_data_prepare(args) -> int:
-    from pipeline import data
+    from pipeline.prepare import prepare
 
-    info = data.prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+    info = prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                         seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {info.path}: {info.tokens['train']:,} train + {info.tokens['val']:,} val tokens, "
           f"vocab {info.vocab_size}, fingerprint {info.fingerprint}")
@@ -38,9 +40,9 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_data_synthetic(args) -> int:
-    from pipeline import data
+    from pipeline.synthetic import synthetic
 
-    info = data.synthetic(args.out, tokens=args.tokens, seed=args.seed, overwrite=args.overwrite)
+    info = synthetic(args.out, tokens=args.tokens, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {info.path}: {info.tokens['train']:,} train + {info.tokens['val']:,} val tokens, "
           f"vocab {info.vocab_size}, entropy rate {info.entropy_rate_nats:.4f} nats/token")
     return 0
@@ -57,15 +59,15 @@ def _run_spec(args):
     try:
         train_cfg = TrainConfig(**overrides)
     except ValidationError as err:
-        raise UsageError(format_validation_error(err, "train")) from None
+        raise ConfigError(format_validation_error(err, "train")) from None
     try:
         flops = float(args.flops)
     except ValueError:
-        raise UsageError(f"--flops: expected a number of FLOPs, got {args.flops!r}") from None
+        raise ConfigError(f"--flops: expected a number of FLOPs, got {args.flops!r}") from None
     try:
         return RunSpec(family=args.family, shape=args.model, budget=flops, train=train_cfg)
     except ValidationError as err:
-        raise UsageError(format_validation_error(err)) from None
+        raise ConfigError(format_validation_error(err)) from None
 
 
 def _train_worker(spec, data_dir, out_dir) -> None:
@@ -78,18 +80,19 @@ def cmd_train(args) -> int:
     import torch
 
     from pipeline import distributed
+    from pipeline.run_folder import RunFolder
     from pipeline.train import check_run
 
     spec = _run_spec(args)
     workers = args.workers or max(1, torch.cuda.device_count())
-    data, plan = check_run(spec, args.data, workers)
+    data, _ = check_run(spec, args.data, workers)
     spec = spec.model_copy(update={"data_fingerprint": data.info.fingerprint})
-    result_file = Path(args.out) / "result.json"
-    if result_file.exists() and json.loads(result_file.read_text())["result"]["run_hash"] == spec.run_hash:
+    folder = RunFolder(args.out)
+    if folder.is_finished(spec.run_hash):
         print(f"{args.out} already holds this finished run ({spec.run_hash}); nothing to do", file=sys.stderr)
     else:
         distributed.spawn(_train_worker, workers, spec, args.data, args.out)
-    print(json.dumps(json.loads(result_file.read_text())["result"]))
+    print(json.dumps(folder.result()))
     return 0
 
 
@@ -102,10 +105,9 @@ def cmd_sweep(args) -> int:
 
 def cmd_runs(args) -> int:
     from analysis.runs import from_mlflow, write_table
+    from pipeline.mlflow_keys import resolve_uri
 
-    from pipeline.tracking import resolve_uri
-
-    table = from_mlflow(args.experiment, resolve_uri(args.tracking_uri, "sqlite:///mlruns.db"), finished_only=False)
+    table = from_mlflow(args.experiment, resolve_uri(args.tracking_uri), finished_only=False)
     write_table(table, args.out)
     print(f"wrote {len(table)} runs to {args.out}")
     return 0
@@ -114,9 +116,9 @@ def cmd_runs(args) -> int:
 def cmd_ui(args) -> int:
     import subprocess
 
-    from pipeline.tracking import resolve_uri
+    from pipeline.mlflow_keys import resolve_uri
 
-    uri = resolve_uri(args.tracking_uri, "sqlite:///mlruns.db")
+    uri = resolve_uri(args.tracking_uri)
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)")
     return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                             "--host", "127.0.0.1", "--port", str(args.port)])
@@ -127,45 +129,44 @@ def cmd_sample(args) -> int:
 
     import torch
 
-    from pipeline import checkpoint
-    from pipeline.sampling import ArmSampling, MdmSampling, arm_sample, mdm_sample
-    ckpt = checkpoint.load(checkpoint=args.checkpoint, run=args.run, tracking_uri=args.tracking_uri)
-    tokenizer = ckpt.tokenizer(args.data)
-    prompt = torch.tensor([tokenizer.encode_prompt(args.prompt)], device=ckpt.device)
+    from pipeline.run_folder import load_trained
+
+    trained = load_trained(folder=args.checkpoint, run=args.run, tracking_uri=args.tracking_uri)
+    options = {"steps": args.steps, "sampler": args.sampler, "cfg": args.cfg}
+    _refuse_options(trained, trained.family.sample_options, options)
+    tokenizer = trained.tokenizer(args.data)
+    prompt = torch.tensor([tokenizer.encode_prompt(args.prompt)], device=trained.device)
     started = time.perf_counter()
-    if ckpt.family == "arm":
-        mdm_only = [flag for flag, value in (("--sampler", args.sampler), ("--steps", args.steps), ("--cfg", args.cfg))
-                    if value is not None]
-        if mdm_only:
-            raise UsageError(f"{ckpt.source} is an ARM; {', '.join(mdm_only)} only apply to MDM checkpoints")
-        cfg = ArmSampling(length=args.length, temperature=args.temperature, seed=args.seed)
-        sample = arm_sample(ckpt.model, prompt, cfg)
-        how = "KV-cached decoding"
-    else:
-        cfg = MdmSampling(length=args.length, steps=args.steps, sampler=args.sampler or "reverse",
-                          temperature=args.temperature, cfg=args.cfg or 0.0, seed=args.seed)
-        sample = mdm_sample(ckpt.model, prompt, cfg)
-        how = f"{cfg.sampler} sampler, {cfg.n_steps} steps, cfg {cfg.cfg:g}"
+    given = {k: v for k, v in options.items() if v is not None}
+    sample = trained.family.sample(trained.model, prompt, length=args.length, temperature=args.temperature,
+                                   seed=args.seed, **given)
     print(tokenizer.decode(sample.answer[0].tolist()))
-    print(f"[{ckpt.family} {how}] {args.length} tokens, {sample.network_calls} network calls, "
+    print(f"[{trained.family.name} {sample.method}] {args.length} tokens, {sample.network_calls} network calls, "
           f"{time.perf_counter() - started:.2f}s", file=sys.stderr)
     return 0
 
 
 def cmd_score(args) -> int:
-    from pipeline import checkpoint
-    from pipeline.sampling import Scoring, evaluate_choices, read_tasks
+    from pipeline.noise import MonteCarlo
+    from pipeline.run_folder import load_trained
+    from pipeline.scoring import evaluate_choices, read_tasks
 
     tasks = read_tasks(args.tasks)
-    ckpt = checkpoint.load(checkpoint=args.checkpoint, run=args.run, tracking_uri=args.tracking_uri)
-    if ckpt.family == "arm" and args.cfg:
-        raise UsageError(f"{ckpt.source} is an ARM; --cfg applies to MDM checkpoints only")
-    tokenizer = ckpt.tokenizer(args.data)
-    result = evaluate_choices(ckpt.model, tokenizer, tasks, Scoring(samples=args.samples, cfg=args.cfg, seed=args.seed))
-    print(json.dumps({"family": ckpt.family, "source": ckpt.source, "accuracy": result.accuracy,
+    trained = load_trained(folder=args.checkpoint, run=args.run, tracking_uri=args.tracking_uri)
+    _refuse_options(trained, trained.family.score_options, {"cfg": args.cfg or None})
+    tokenizer = trained.tokenizer(args.data)
+    result = evaluate_choices(trained.model, tokenizer, tasks, MonteCarlo(samples=args.samples, cfg=args.cfg, seed=args.seed))
+    print(json.dumps({"family": trained.family.name, "source": trained.source, "accuracy": result.accuracy,
                       "correct": result.correct, "total": result.total,
-                      **({"samples": args.samples, "cfg": args.cfg} if ckpt.family == "mdm" else {})}))
+                      **{name: getattr(args, name) for name in trained.family.score_options}}))
     return 0
+
+
+def _refuse_options(trained, accepted: tuple[str, ...], given: dict) -> None:
+    """Options the model's family has no use for are an error, not silently ignored."""
+    unused = [f"--{name}" for name, value in given.items() if value is not None and name not in accepted]
+    if unused:
+        raise ConfigError(f"{trained.source} is an {trained.family!r}; {', '.join(unused)} apply to other families only")
 
 
 def _model_source_args(p: argparse.ArgumentParser) -> None:
@@ -175,7 +176,7 @@ def _model_source_args(p: argparse.ArgumentParser) -> None:
     source.add_argument("--checkpoint", metavar="DIR",
                         help="a finished run's folder (`isoflop train --out`, or a sweep's runs/<hash>)")
     p.add_argument("--tracking-uri", metavar="URI", default=None,
-                   help="with --run (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
+                   help=f"with --run (default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
     p.add_argument("--data", metavar="DIR", default=None, help="the data folder whose tokenizer to use (default: the run's)")
     p.add_argument("--seed", type=int, metavar="S", default=0)
 
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ValueError) as err:  # DataError, BudgetError, SweepError, ... all say what is wrong
+    except IsoflopError as err:  # DataError, BudgetError, SweepError, ...: each says what is wrong
         print(f"isoflop {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -13,7 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.flops import FlopsConvention
+from pipeline.errors import BudgetError, ConfigError, did_you_mean
+from pipeline.flops import BudgetPlan, FlopsConvention, plan_budget
 from pipeline.shapes import Shape, resolve_shape
 
 Family = Literal["arm", "mdm"]
@@ -61,7 +62,7 @@ def parse_overrides(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set: expected key=value, got {pair!r}")
+            raise ConfigError(f"--set: expected key=value, got {pair!r}")
         parsed = yaml.safe_load(value)
         if isinstance(parsed, str):  # YAML reads 1e-3 as a string; numbers users write should stay numbers
             try:
@@ -78,7 +79,7 @@ def format_validation_error(err: ValidationError, prefix: str = "", schema: type
     for e in err.errors():
         where = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
         if e["type"] == "extra_forbidden":
-            hint = _did_you_mean(str(e["loc"][-1]), _known_keys(schema, e["loc"][:-1])) if schema else ""
+            hint = did_you_mean(str(e["loc"][-1]), _known_keys(schema, e["loc"][:-1])) if schema else ""
             lines.append(f"{where}: unknown key{hint}")
             continue
         given = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
@@ -96,13 +97,6 @@ def _known_keys(schema: type[BaseModel], path: tuple) -> list[str]:
         if schema is None:
             return []
     return list(schema.model_fields)
-
-
-def _did_you_mean(word: str, options: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(word, options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class RunSpec(BaseModel):
@@ -137,6 +131,18 @@ class RunSpec(BaseModel):
         shape = {**self.shape.as_dict(), **({"name": self.shape.name} if self.shape.name else {})}
         return {"family": self.family, "shape": shape, "budget": self.budget, "train": self.train.model_dump(),
                 "data_fingerprint": self.data_fingerprint}
+
+    def plan(self, vocab_size: int) -> BudgetPlan:
+        """Tokens and steps of this run; BudgetError when its budget cannot be trained as asked."""
+        cfg = self.train
+        plan = plan_budget(self.budget, self.shape, vocab_size=vocab_size, seq_len=cfg.seq_len,
+                           batch_size=cfg.batch_size, convention=cfg.flops_convention, min_steps=cfg.min_steps)
+        warmup = cfg.warmup_steps(plan.steps)
+        if warmup >= plan.steps:
+            raise BudgetError(f"budget: {self.budget:.3g} FLOPs gives {plan.steps} steps for model {self.shape.label}, "
+                              f"which do not outlast the warmup of {warmup} (train.warmup_min_steps="
+                              f"{cfg.warmup_min_steps}, train.warmup_fraction={cfg.warmup_fraction})")
+        return plan
 
     @property
     def run_hash(self) -> str:

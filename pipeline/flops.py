@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from pipeline.errors import BudgetError
 from pipeline.shapes import Shape
 
 FlopsConvention = Literal["6ND", "palm"]
@@ -27,11 +28,7 @@ def flops_per_token(shape: Shape, vocab_size: int, seq_len: int, convention: Flo
         return 6.0 * shape.non_embedding_params()
     if convention == "palm":
         return 6.0 * matmul_params(shape, vocab_size) + 12.0 * shape.n_layer * shape.d_model * seq_len
-    raise ValueError(f"flops_convention: unknown convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
-
-
-class BudgetError(ValueError):
-    """A budget that cannot be trained as asked (too few steps for the model and batch)."""
+    raise BudgetError(f"flops_convention: unknown convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
 
 
 @dataclass(frozen=True)
@@ -64,3 +61,9 @@ def plan_budget(budget: float, shape: Shape, *, vocab_size: int, seq_len: int, b
             f"budget: {budget:.3g} FLOPs gives {steps} steps for model {shape.label} "
             f"(N={shape.non_embedding_params():,}, {tokens_per_step:,} tokens/step), below train.min_steps={min_steps}")
     return BudgetPlan(budget, per_token, tokens_per_step, steps)
+
+
+def budget_for_steps(shape: Shape, steps: int, *, batch_size: int, seq_len: int, vocab_size: int = 0,
+                     convention: FlopsConvention = "6ND") -> float:
+    """The budget that trains exactly `steps` steps: plan_budget's inverse (vocab_size only counts for palm)."""
+    return flops_per_token(shape, vocab_size, seq_len, convention) * batch_size * seq_len * steps

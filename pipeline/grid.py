@@ -9,13 +9,9 @@ import yaml
 from pydantic import ValidationError
 
 from pipeline.config import RunSpec, SweepConfig, format_validation_error
-from pipeline.flops import BudgetError, BudgetPlan, plan_budget
+from pipeline.errors import BudgetError, SweepError
+from pipeline.flops import BudgetPlan
 from pipeline.shapes import CPU_SHAPES, PAPER_SHAPES, Shape, resolve_shape
-
-
-class SweepError(ValueError):
-    """Everything wrong with a sweep, found before anything launches; one problem per line."""
-
 
 @dataclass(frozen=True)
 class GridPoint:
@@ -73,17 +69,9 @@ def expand_grid(sweep: SweepConfig, vocab_size: int, data_fingerprint: str = "")
                                          f"model={shape.label}, seed={seed}) appears twice")
                     seen[spec.run_hash] = spec
                     try:
-                        plan = plan_budget(budget, shape, vocab_size=vocab_size, seq_len=train.seq_len,
-                                           batch_size=train.batch_size, convention=train.flops_convention,
-                                           min_steps=train.min_steps)
+                        points.append(GridPoint(spec, spec.plan(vocab_size)))
                     except BudgetError as err:
                         dropped.append(f"{family} {shape.label} at {budget:.3g}: {err}")
-                        continue
-                    if train.warmup_steps(plan.steps) >= plan.steps:
-                        dropped.append(f"{family} {shape.label} at {budget:.3g}: {plan.steps} steps do not outlast "
-                                       f"the warmup of {train.warmup_steps(plan.steps)}")
-                        continue
-                    points.append(GridPoint(spec, plan))
     return points, dropped
 
 

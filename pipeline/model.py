@@ -1,8 +1,8 @@
 """The Transformer both families share: a Llama-style decoder stack.
 
-RMSNorm pre-norm, SwiGLU MLP, rotary position embeddings, no biases, untied LM head. The only
-family switch is `causal`: ARM attends causally; MDM attends both ways and gets one extra input
-embedding row for the mask token (id = vocab_size). Nothing here knows about losses or data.
+RMSNorm pre-norm, SwiGLU MLP, rotary position embeddings, no biases, untied LM head (docs/method.md §1).
+A family (`pipeline.family`) sets the two switches: `causal` attention (ARM) or not, and `mask_token`,
+one extra input embedding row whose id is vocab_size (MDM). Nothing here knows about losses or data.
 """
 from __future__ import annotations
 
@@ -20,16 +20,17 @@ class ModelConfig:
     shape: Shape
     vocab_size: int
     seq_len: int
-    causal: bool
+    causal: bool              # the attention mask
+    mask_token: bool          # an extra input id, vocab_size, that stands for a masked token
     rope_base: float = 10000.0
 
     @property
     def mask_token_id(self) -> int | None:
-        return None if self.causal else self.vocab_size
+        return self.vocab_size if self.mask_token else None
 
     @property
     def input_vocab_size(self) -> int:
-        return self.vocab_size + (0 if self.causal else 1)
+        return self.vocab_size + int(self.mask_token)
 
 
 class RMSNorm(nn.Module):

@@ -1,5 +1,6 @@
-"""Using trained models: MDM samplers, ARM decoding, unsupervised classifier-free guidance, and
-conditional likelihood (with a multiple-choice evaluator on top).
+"""Generating from trained models: the MDM's reverse-process samplers, KV-cached ARM decoding, and
+unsupervised classifier-free guidance (docs/method.md §7). Each family's sampler entry
+(`pipeline.family`) calls these.
 
 MDM sampling runs the reverse process on the time grid linspace(1, 1e-5, steps + 1); the network has no
 time input, so a step that reveals nothing leaves the logits valid and the next network call is skipped.
@@ -7,24 +8,18 @@ Every random draw comes from one generator seeded by the caller, so a seed fixes
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import SamplingError
 from pipeline.model import KVCache, Transformer
-from pipeline.objectives import diffusion_times, generator
-from pipeline.tokenizer import Tokenizer
+from pipeline.noise import generator
 
 GRID_END = 1e-5  # the time grid stops short of 0, as in SMDM
-
-
-class SamplingError(ValueError):
-    """Bad sampling or scoring input, found before any network call."""
 
 
 # ----------------------------------------------------------------------------------------- building blocks
@@ -47,15 +42,19 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, gen: torch.Generator
     return (logits.to(dtype) / temperature + gumbel(u)).argmax(-1)
 
 
-def guided_logits(model: Transformer, x: torch.Tensor, prompt_len: int, cfg: float = 0.0) -> torch.Tensor:
+def guided_logits(model: Transformer, x: torch.Tensor, prompt_len: int, cfg: float = 0.0,
+                  only: torch.Tensor | None = None) -> torch.Tensor:
     """The MDM's logits for x, with unsupervised classifier-free guidance when cfg W != 0:
     u + (W + 1)(c − u), c the output given x, u the output with its first prompt_len tokens masked.
-    Both come from one forward on the doubled batch."""
+    Both come from one forward on the doubled batch. `only` (bool, x's shape) keeps the selected positions."""
+    select = {} if only is None else {"only": only}
     if cfg == 0 or prompt_len == 0:
-        return model(x)
+        return model(x, **select)
     unconditional = x.clone()
     unconditional[:, :prompt_len] = model.mask_token_id
-    c, u = model(torch.cat([x, unconditional])).chunk(2)
+    if only is not None:
+        select = {"only": torch.cat([only, only])}  # row-major selection: x's positions first, then u's
+    c, u = model(torch.cat([x, unconditional]), **select).chunk(2)
     return u + (cfg + 1) * (c - u)
 
 
@@ -64,28 +63,29 @@ class Sample:
     tokens: torch.Tensor   # [B, prompt_len + length]: the prompt, then the generated answer
     prompt_len: int
     network_calls: int
+    method: str            # how it was drawn, for people reading the output
 
     @property
     def answer(self) -> torch.Tensor:
         return self.tokens[:, self.prompt_len:]
 
 
-def _check_generation(model: Transformer, prompt: torch.Tensor, length: int, temperature: float, causal: bool) -> None:
-    family = "ARM" if model.config.causal else "MDM"
-    if model.config.causal != causal:
-        raise SamplingError(f"this checkpoint is an {family}; the requested sampler needs an "
-                            f"{'ARM' if causal else 'MDM'}")
+def _check_generation(model: Transformer, prompt: torch.Tensor, length: int, temperature: float,
+                      needs_mask_token: bool) -> None:
+    if (model.mask_token_id is not None) != needs_mask_token:  # i.e. the sampler was given the other family
+        raise SamplingError("this model " + ("has no mask token (it is an ARM); the sampler needs an MDM"
+                                             if needs_mask_token else "is an MDM; left-to-right decoding needs an ARM"))
     if prompt.dim() != 2:
         raise SamplingError(f"prompt must be a [batch, tokens] tensor of ids, got shape {tuple(prompt.shape)}")
     if length <= 0:
         raise SamplingError(f"length must be positive, got {length}")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise SamplingError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    _check_fits(model, prompt.shape[1], length, "prompt", "length")
-    _check_ids(model, prompt, "prompt")
+    check_fits(model, prompt.shape[1], length, "prompt", "length")
+    check_ids(model, prompt, "prompt")
 
 
-def _check_fits(model: Transformer, prefix: int, length: int, prefix_name: str, length_name: str) -> None:
+def check_fits(model: Transformer, prefix: int, length: int, prefix_name: str, length_name: str) -> None:
     context = model.config.seq_len
     if prefix >= context:
         raise SamplingError(f"{prefix_name} of {prefix} tokens is longer than the model context allows "
@@ -95,7 +95,7 @@ def _check_fits(model: Transformer, prefix: int, length: int, prefix_name: str, 
                             f"of {context} tokens; use {length_name} <= {context - prefix}")
 
 
-def _check_ids(model: Transformer, ids: torch.Tensor, name: str) -> None:
+def check_ids(model: Transformer, ids: torch.Tensor, name: str) -> None:
     if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < model.config.vocab_size):
         raise SamplingError(f"{name} holds token ids outside 0..{model.config.vocab_size - 1}")
 
@@ -147,7 +147,7 @@ STEPS = {"reverse": _reverse_step, "confidence": _confidence_step}
 @torch.inference_mode()
 def mdm_sample(model: Transformer, prompt: torch.Tensor, cfg: MdmSampling) -> Sample:
     """Generate cfg.length tokens after each row of prompt [B, P] (P may be 0); the prompt is never masked."""
-    _check_generation(model, prompt, cfg.length, cfg.temperature, causal=False)
+    _check_generation(model, prompt, cfg.length, cfg.temperature, needs_mask_token=True)
     steps = cfg.n_steps
     if cfg.sampler not in STEPS:
         raise SamplingError(f"sampler must be one of {', '.join(STEPS)}, got {cfg.sampler!r}")
@@ -176,7 +176,7 @@ def mdm_sample(model: Transformer, prompt: torch.Tensor, cfg: MdmSampling) -> Sa
                                             i == steps - 1, cfg.temperature, gen)
         answer[reveal] = tokens
         stale = reveal.any(dim=1)
-    return Sample(x, P, calls)
+    return Sample(x, P, calls, f"{cfg.sampler} sampler, {steps} steps, cfg {cfg.cfg:g}")
 
 
 # ----------------------------------------------------------------------------------------------- ARM
@@ -192,7 +192,7 @@ class ArmSampling:
 @torch.inference_mode()
 def arm_sample(model: Transformer, prompt: torch.Tensor, cfg: ArmSampling) -> Sample:
     """Left-to-right decoding of cfg.length tokens after each row of prompt [B, P], P >= 1."""
-    _check_generation(model, prompt, cfg.length, cfg.temperature, causal=True)
+    _check_generation(model, prompt, cfg.length, cfg.temperature, needs_mask_token=False)
     if prompt.shape[1] == 0:
         raise SamplingError("ARM decoding needs a prompt of at least one token (e.g. EOS)")
     gen = generator(cfg.seed, device=prompt.device)
@@ -202,122 +202,4 @@ def arm_sample(model: Transformer, prompt: torch.Tensor, cfg: ArmSampling) -> Sa
         logits = model(new if cache is not None else x, cache)[:, -1]
         new = gumbel_argmax(logits, cfg.temperature, gen)[:, None]
         x = torch.cat([x, new], dim=1)
-    return Sample(x, prompt.shape[1], cfg.length)
-
-
-# ------------------------------------------------------------------------------------- likelihood
-
-@dataclass(frozen=True)
-class Scoring:
-    samples: int = 128        # MDM: Monte Carlo draws of (t, mask) for the bound
-    cfg: float = 0.0          # MDM: unsupervised CFG weight W
-    seed: int = 0
-    eps: float = 1e-3         # MDM: the training loss's mask floor, p = (1 − eps) t + eps
-    batch_size: int = 32      # MDM: draws per forward
-
-
-@torch.inference_mode()
-def continuation_nll(model: Transformer, context: list[int], continuation: list[int],
-                     scoring: Scoring = Scoring()) -> float:
-    """−log p(continuation | context) in nats: exact for an ARM (chain rule); for an MDM the Monte Carlo
-    estimate of the diffusion upper bound with only the continuation noised. The MDM's draws depend only
-    on (seed, len(continuation)), so choices of equal length are compared on the same masks."""
-    device = next(model.parameters()).device
-    context_ids = torch.tensor(context, dtype=torch.long, device=device)
-    target = torch.tensor(continuation, dtype=torch.long, device=device)
-    if len(target) == 0:
-        raise SamplingError("continuation is empty")
-    _check_fits(model, len(context_ids), len(target), "context", "continuation length")
-    _check_ids(model, context_ids, "context")
-    _check_ids(model, target, "continuation")
-    if model.config.causal:
-        if scoring.cfg:
-            raise SamplingError("cfg needs an MDM: the guidance masks the prompt, and an ARM has no mask token")
-        if len(context_ids) == 0:
-            raise SamplingError("an ARM scores a continuation given at least one context token (e.g. EOS)")
-        return _arm_nll(model, context_ids, target)
-    if scoring.samples <= 0:
-        raise SamplingError(f"samples must be positive, got {scoring.samples}")
-    return _mdm_nll(model, context_ids, target, scoring)
-
-
-def _arm_nll(model: Transformer, context: torch.Tensor, target: torch.Tensor) -> float:
-    x = torch.cat([context, target])[None]
-    logp = F.log_softmax(model(x[:, :-1]).double(), dim=-1)[0, len(context) - 1:]
-    return -logp.gather(-1, target[:, None]).sum().item()
-
-
-def _mdm_nll(model: Transformer, context: torch.Tensor, target: torch.Tensor, scoring: Scoring) -> float:
-    K, P, L = scoring.samples, len(context), len(target)
-    gen = generator(scoring.seed, L, device=target.device)
-    p = (1 - scoring.eps) * diffusion_times(K, gen) + scoring.eps          # [K] mask probability per draw
-    masked = torch.rand(K, L, generator=gen, device=target.device) < p[:, None]
-    x = torch.cat([context.expand(K, P), torch.where(masked, model.mask_token_id, target)], dim=1)
-    total = 0.0
-    for start in range(0, K, scoring.batch_size):
-        rows = slice(start, start + scoring.batch_size)
-        logits = guided_logits(model, x[rows], P, scoring.cfg)[:, P:]
-        ce = F.cross_entropy(logits.float().transpose(1, 2), target.expand(len(logits), L), reduction="none")
-        total += (ce.double() * masked[rows] / p[rows, None]).sum().item()
-    return total / K
-
-
-# ---------------------------------------------------------------------------------- multiple choice
-
-@dataclass(frozen=True)
-class ChoiceTask:
-    context: str
-    choices: tuple[str, ...]
-    answer: int               # index into choices
-
-
-@dataclass
-class ChoiceResult:
-    accuracy: float
-    correct: int
-    total: int
-    predictions: list[int]
-
-
-def read_tasks(path: str | Path) -> list[ChoiceTask]:
-    """A JSONL file, one {"context": str, "choices": [str, ...], "answer": index} per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise SamplingError(f"tasks: {path}: no such file")
-    tasks = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"tasks: {path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise SamplingError(f"{where}: not JSON") from None
-        if not isinstance(row, dict):
-            raise SamplingError(f"{where}: expected an object with context, choices, answer")
-        context, choices, answer = row.get("context"), row.get("choices"), row.get("answer")
-        if not isinstance(context, str):
-            raise SamplingError(f"{where}: 'context' must be a string, got {context!r}")
-        if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)):
-            raise SamplingError(f"{where}: 'choices' must be a list of two or more non-empty strings, got {choices!r}")
-        if not (isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices)):
-            raise SamplingError(f"{where}: 'answer' must be an index 0..{len(choices) - 1}, got {answer!r}")
-        tasks.append(ChoiceTask(context, tuple(choices), answer))
-    if not tasks:
-        raise SamplingError(f"tasks: {path}: no tasks")
-    return tasks
-
-
-def evaluate_choices(model: Transformer, tokenizer: Tokenizer, tasks: list[ChoiceTask],
-                     scoring: Scoring = Scoring()) -> ChoiceResult:
-    """Pick the choice with the highest conditional likelihood (lowest NLL) given the context."""
-    predictions = []
-    for number, task in enumerate(tasks, 1):
-        context = tokenizer.encode_prompt(task.context)
-        try:
-            nll = [continuation_nll(model, context, tokenizer.encode(choice), scoring) for choice in task.choices]
-        except SamplingError as err:
-            raise SamplingError(f"tasks: task {number}: {err}") from None
-        predictions.append(min(range(len(nll)), key=nll.__getitem__))
-    correct = sum(p == t.answer for p, t in zip(predictions, tasks))
-    return ChoiceResult(correct / len(tasks), correct, len(tasks), predictions)
+    return Sample(x, prompt.shape[1], cfg.length, "KV-cached decoding" if cfg.cache else "uncached decoding")

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import yaml
 
+from pipeline.errors import ConfigError, did_you_mean
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -22,11 +24,11 @@ class Shape:
         for field in ("n_layer", "n_head", "d_model", "d_ff"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"shape {self.label}: {field} must be a positive integer, got {value!r}")
+                raise ConfigError(f"shape {self.label}: {field} must be a positive integer, got {value!r}")
         if self.d_model % self.n_head:
-            raise ValueError(f"shape {self.label}: n_head={self.n_head} does not divide d_model={self.d_model}")
+            raise ConfigError(f"shape {self.label}: n_head={self.n_head} does not divide d_model={self.d_model}")
         if (self.d_model // self.n_head) % 2:
-            raise ValueError(f"shape {self.label}: head size {self.d_model // self.n_head} must be even for rotary embeddings")
+            raise ConfigError(f"shape {self.label}: head size {self.d_model // self.n_head} must be even for rotary embeddings")
 
     @property
     def label(self) -> str:
@@ -100,22 +102,17 @@ def resolve_shape(spec: str | dict | Shape) -> Shape:
             return REGISTRY[spec]
         parsed = yaml.safe_load(spec) if spec.lstrip().startswith("{") else None
         if not isinstance(parsed, dict):
-            raise ValueError(f"unknown shape {spec!r}{_did_you_mean(spec)}; see `isoflop models`")
+            raise ConfigError(f"unknown shape {spec!r}{did_you_mean(spec, REGISTRY, n=3)}; see `isoflop models`")
         spec = parsed
     if not isinstance(spec, dict):
-        raise ValueError(f"expected a shape name or mapping, got {spec!r}")
+        raise ConfigError(f"expected a shape name or mapping, got {spec!r}")
     unknown = set(spec) - {"n_layer", "n_head", "d_model", "d_ff", "name"}
     missing = {"n_layer", "n_head", "d_model"} - set(spec)
     if unknown or missing:
-        raise ValueError(f"inline shape {spec!r} "
+        raise ConfigError(f"inline shape {spec!r} "
                          + (f"has unknown keys {sorted(unknown)}" if unknown else f"lacks {sorted(missing)}"))
     d_model = spec["d_model"]
     return Shape(spec["n_layer"], spec["n_head"], d_model, spec.get("d_ff", 4 * d_model if isinstance(d_model, int) else d_model),
                  name=spec.get("name", ""))
 
 
-def _did_you_mean(name: str) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, REGISTRY, n=3)
-    return f" (did you mean {', '.join(close)}?)" if close else ""

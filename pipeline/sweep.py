@@ -11,12 +11,23 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import ray
+import ray.train
+import torch
+from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.train.torch import TorchTrainer
 
-from pipeline.config import Resources, RunSpec, SweepConfig
-from pipeline.grid import GridPoint, SweepError, expand_grid, format_grid, load_sweep
-from pipeline.train import Diverged, Reporter, plan_run, train
 from pipeline import tracking
+from pipeline.config import Resources, RunSpec, SweepConfig
+from pipeline.data import load_dataset
+from pipeline.distributed import ensure_process_group
+from pipeline.errors import DataError, SweepError, TrackingError
+from pipeline.grid import GridPoint, expand_grid, format_grid, load_sweep
+from pipeline.mlflow_keys import FAILED, FINISHED, resolve_uri
+from pipeline.run_folder import RunFolder
+from pipeline.synthetic import synthetic
+from pipeline.train import Diverged, Reporter, train
 
 # A trial that drives a Ray Train worker group only waits, so it holds no CPU (which would keep a 2-worker
 # trial off a 2-core machine); Tune needs it to hold something, so it holds a little memory.
@@ -50,8 +61,6 @@ def plan_sweep(path: str | Path, tracking_uri: str | None = None, *, dry_run: bo
 
     `cluster` holds the resources a trial must fit in ({"CPU": n, "GPU": m}); None skips that check.
     """
-    from pipeline.data import DataError, load_dataset, synthetic
-
     sweep = load_sweep(path)
     errors: list[str] = []
     data_dir = Path(sweep.data.path)
@@ -75,14 +84,12 @@ def plan_sweep(path: str | Path, tracking_uri: str | None = None, *, dry_run: bo
         except SweepError as err:
             errors.append(str(err))
     if cluster is not None and trials_that_fit(sweep.resources, cluster) < 1:
-        res = sweep.resources
-        errors.append(f"resources: a trial needs {res.workers_per_trial} workers x ({res.cpus_per_worker} CPU, "
-                      f"{res.gpus_per_worker} GPU), more than the cluster has ({cluster})")
-    uri, experiment_id = tracking.resolve_uri(tracking_uri, sweep.tracking_uri), None
+        errors.append(resources_error(sweep.resources, cluster))
+    uri, experiment_id = resolve_uri(tracking_uri, sweep.tracking_uri), None
     if not dry_run:
         try:
             experiment_id = tracking.prepare_store(uri, sweep.name)
-        except tracking.TrackingError as err:
+        except TrackingError as err:
             errors.append(str(err))
     if errors:
         raise SweepError("\n".join(errors))
@@ -105,75 +112,79 @@ def trials_that_fit(resources: Resources, cluster: dict) -> int:
     return limit
 
 
+def resources_error(resources: Resources, cluster: dict) -> str:
+    return (f"resources: a trial needs {resources.workers_per_trial} workers x ({resources.cpus_per_worker} CPU, "
+            f"{resources.gpus_per_worker} GPU), more than the cluster has ({cluster})")
+
+
 def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str | None = None,
               rerun_failed: bool = False, dry_run: bool = False) -> int:
-    local = None if address else {"CPU": os.cpu_count() or 1, "GPU": _local_gpus()}
+    """Plan, then train every point not finished yet; the exit code is 1 when any point failed."""
+    local = None if address else {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
     plan = plan_sweep(path, tracking_uri, dry_run=dry_run, cluster=None if dry_run else local)
-    sweep = plan.sweep
     for reason in plan.dropped:
         print(f"dropped: {reason}")
     if dry_run:
         print(format_grid(plan.points))
         print(f"{len(plan.points)} runs, {sum(p.plan.flops for p in plan.points):.3g} FLOPs in all")
         return 0
-
-    from mlflow.tracking import MlflowClient
-
-    client, experiment_id = MlflowClient(plan.tracking_uri), plan.experiment_id
-    todo, done, failed = [], [], []
-    for point in plan.points:
-        status, reason = tracking.run_status(client, experiment_id, point.spec.run_hash)
-        if status == tracking.FINISHED:
-            done.append(point)
-        elif status == tracking.FAILED and not rerun_failed:
-            failed.append(f"{point.spec.run_name}: {reason or 'failed'}")
-        else:
-            todo.append(point)
-    print(f"sweep {sweep.name}: {len(plan.points)} points, {len(done)} finished, {len(failed)} failed "
-          f"(kept; --rerun-failed runs them again), {len(todo)} to run")
-    for line in failed:
-        print(f"  failed earlier: {line}")
+    todo, failed = pending_points(plan, rerun_failed)
     if not todo:
         return 0 if not failed else 1
-
-    import ray
-
     ray.init(address=address, num_cpus=local and local["CPU"], num_gpus=local and local["GPU"],
              include_dashboard=False, log_to_driver=True)
     try:
-        concurrent = trials_that_fit(sweep.resources, ray.cluster_resources())
-        if concurrent < 1:  # a remote cluster, only known once connected
-            raise SweepError(f"resources: a trial needs {sweep.resources.workers_per_trial} workers x "
-                             f"({sweep.resources.cpus_per_worker} CPU, {sweep.resources.gpus_per_worker} GPU), more than "
-                             f"the cluster has ({ray.cluster_resources()})")
-        if sweep.resources.max_concurrent_trials:
-            concurrent = min(concurrent, sweep.resources.max_concurrent_trials)
-        storage = str(Path(sweep.storage).resolve())
-        context = SweepContext(sweep.name, plan.tracking_uri, experiment_id,
-                               tracking.sweep_parent(client, experiment_id, sweep.name),
-                               str(Path(sweep.data.path).resolve()), storage, sweep.resources)
-        trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), trial_resources(sweep.resources))
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"spec": tune.grid_search([p.spec.to_dict() for p in todo])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
-            run_config=tune.RunConfig(name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage,
-                                      failure_config=tune.FailureConfig(max_failures=sweep.resources.max_failures),
-                                      callbacks=[SweepProgress(todo)], verbose=0))
-        results = tuner.fit()
+        results = run_trials(plan, todo)
     finally:
         ray.shutdown()
     errors = [r for r in results if r.error is not None]
     diverged = [r for r in results if r.error is None and r.metrics.get("status") == "diverged"]
-    print(f"sweep {sweep.name}: {len(results) - len(errors) - len(diverged)} trained, {len(diverged)} diverged, "
-          f"{len(errors)} errored; results in MLflow experiment '{sweep.name}' at {plan.tracking_uri}")
+    print(f"sweep {plan.sweep.name}: {len(results) - len(errors) - len(diverged)} trained, {len(diverged)} diverged, "
+          f"{len(errors)} errored; results in MLflow experiment '{plan.sweep.name}' at {plan.tracking_uri}")
     return 1 if errors or diverged or failed else 0
 
 
-def _local_gpus() -> int:
-    import torch
+def pending_points(plan: SweepPlan, rerun_failed: bool) -> tuple[list[GridPoint], list[str]]:
+    """(points to train, points that failed before and are kept as failed); prints the tally."""
+    client = MlflowClient(plan.tracking_uri)
+    todo, done, failed = [], [], []
+    for point in plan.points:
+        status, reason = tracking.run_status(client, plan.experiment_id, point.spec.run_hash)
+        if status == FINISHED:
+            done.append(point)
+        elif status == FAILED and not rerun_failed:
+            failed.append(f"{point.spec.run_name}: {reason or 'failed'}")
+        else:
+            todo.append(point)
+    print(f"sweep {plan.sweep.name}: {len(plan.points)} points, {len(done)} finished, {len(failed)} failed "
+          f"(kept; --rerun-failed runs them again), {len(todo)} to run")
+    for line in failed:
+        print(f"  failed earlier: {line}")
+    return todo, failed
 
-    return torch.cuda.device_count()
+
+def run_trials(plan: SweepPlan, todo: list[GridPoint]):
+    """One Tune trial per point on the connected Ray cluster, as many at once as its resources hold."""
+    sweep = plan.sweep
+    concurrent = trials_that_fit(sweep.resources, ray.cluster_resources())
+    if concurrent < 1:  # a remote cluster, only known once connected
+        raise SweepError(resources_error(sweep.resources, ray.cluster_resources()))
+    if sweep.resources.max_concurrent_trials:
+        concurrent = min(concurrent, sweep.resources.max_concurrent_trials)
+    storage = str(Path(sweep.storage).resolve())
+    client = MlflowClient(plan.tracking_uri)
+    context = SweepContext(sweep.name, plan.tracking_uri, plan.experiment_id,
+                           tracking.sweep_parent(client, plan.experiment_id, sweep.name),
+                           str(Path(sweep.data.path).resolve()), storage, sweep.resources)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), trial_resources(sweep.resources))
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"spec": tune.grid_search([p.spec.to_dict() for p in todo])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
+        run_config=tune.RunConfig(name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage,
+                                  failure_config=tune.FailureConfig(max_failures=sweep.resources.max_failures),
+                                  callbacks=[SweepProgress(todo)], verbose=0))
+    return tuner.fit()
 
 
 def run_trial(config: dict, context: SweepContext) -> None:
@@ -184,24 +195,16 @@ def run_trial(config: dict, context: SweepContext) -> None:
     get a Ray Train TorchTrainer named by the run hash, whose FailureConfig restarts lost workers.
     Either way checkpoints live in {storage}/runs/{run hash}/, so any restart resumes from the last one.
     """
-    from mlflow.tracking import MlflowClient
-    from ray import tune
-
     spec = RunSpec(**config["spec"])
     status, _ = tracking.run_status(MlflowClient(context.tracking_uri), context.experiment_id, spec.run_hash)
-    if status == tracking.FINISHED:  # another sweep finished it since this one was planned
+    if status == FINISHED:  # another sweep finished it since this one was planned
         tune.report({"status": "skipped"})
         return
     res = context.resources
     if res.workers_per_trial == 1 and not res.worker_group:
-        import torch
-
         torch.set_num_threads(max(1, int(res.cpus_per_worker)))
         outcome = train_point(spec, context)
     else:
-        import ray.train
-        from ray.train.torch import TorchTrainer
-
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"spec": config["spec"], "context": context},
@@ -217,19 +220,14 @@ def run_trial(config: dict, context: SweepContext) -> None:
             tracking.RunLogger(context.tracking_uri, context.experiment_id, spec).fail(f"{type(err).__name__}: {err}")
             raise
         status, reason = tracking.run_status(MlflowClient(context.tracking_uri), context.experiment_id, spec.run_hash)
-        outcome = {"status": "finished" if status == tracking.FINISHED else reason.split(":")[0] or "failed"}
+        outcome = {"status": "finished" if status == FINISHED else reason.split(":")[0] or "failed"}
     tune.report(outcome)
 
 
 def train_worker(config: dict) -> None:
     """A Ray Train worker of a multi-worker point."""
-    import ray.train
-
-    ctx = ray.train.get_context()
-    os.environ["LOCAL_RANK"] = str(ctx.get_local_rank())
+    os.environ["LOCAL_RANK"] = str(ray.train.get_context().get_local_rank())
     context: SweepContext = config["context"]
-    import torch
-
     torch.set_num_threads(max(1, int(context.resources.cpus_per_worker)))
     train_point(RunSpec(**config["spec"]), context)
 
@@ -245,26 +243,22 @@ class MlflowReporter(Reporter):
 
 def train_point(spec: RunSpec, context: SweepContext) -> dict:
     """Train (or resume) one grid point on this rank; rank 0 records it in MLflow. Returns a status dict."""
-    from pipeline.distributed import ensure_process_group
-
     rank, world = ensure_process_group()
-    out = Path(context.storage) / "runs" / spec.run_hash
+    folder = RunFolder(Path(context.storage) / "runs" / spec.run_hash)
     logger = None
     if rank == 0:
-        from pipeline.data import load_dataset
-
         logger = tracking.RunLogger(context.tracking_uri, context.experiment_id, spec, context.parent_run_id)
         info = load_dataset(context.data_dir).info
-        logger.log_params(tracking.run_params(spec, plan_run(spec, info.vocab_size), world, info),
+        logger.log_params(tracking.run_params(spec, spec.plan(info.vocab_size), world, info),
                           {"run": spec.to_dict(), "sweep": context.name})
     try:
-        result = train(spec, context.data_dir, out, reporter=MlflowReporter(logger))
+        result = train(spec, context.data_dir, folder.path, reporter=MlflowReporter(logger))
     except Diverged as err:  # a property of the run, not a crash: recorded and not retried
         if logger:
             logger.fail(f"diverged: {err}")
         return {"status": "diverged"}
     if logger:
-        logger.finish(asdict(result), [out / "model.pt", out / "result.json"])
+        logger.finish(asdict(result), folder.files)
     return {"status": "finished"}
 
 

@@ -2,35 +2,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import RunSpec
+from pipeline.errors import TrackingError
 from pipeline.flops import BudgetPlan
-
-HASH_TAG = "isoflop.run_hash"
-SWEEP_TAG = "isoflop.sweep"
-REASON_TAG = "isoflop.failure_reason"
-RESUMED_TAG = "isoflop.resumed"
-PARENT_TAG = "mlflow.parentRunId"
-
-
-class TrackingError(ValueError):
-    pass
-
-
-def resolve_uri(uri: str | None, default: str) -> str:
-    """The flag, else $MLFLOW_TRACKING_URI, else the sweep file's value; relative sqlite paths made absolute."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    return uri
-
+from pipeline.mlflow_keys import FAILED, FINISHED, HASH_TAG, PARENT_TAG, REASON_TAG, RESUMED_TAG, SWEEP_TAG
 
 def prepare_store(uri: str, experiment: str) -> str:
     """Create the database and experiment once, from the driver, before any trial logs (returns its id).
@@ -165,11 +147,11 @@ class RunLogger:
         self.client.log_batch(self.run_id, metrics=final, tags=tags)
         for path in artifacts:
             self.client.log_artifact(self.run_id, str(path))
-        self.client.set_terminated(self.run_id, "FINISHED")
+        self.client.set_terminated(self.run_id, FINISHED)
 
     def fail(self, reason: str) -> None:
         self.client.set_tag(self.run_id, REASON_TAG, reason[:5000])
-        self.client.set_terminated(self.run_id, "FAILED")
+        self.client.set_terminated(self.run_id, FAILED)
 
 
 def run_status(client: MlflowClient, experiment_id: str, run_hash: str) -> tuple[str | None, str]:
@@ -178,7 +160,3 @@ def run_status(client: MlflowClient, experiment_id: str, run_hash: str) -> tuple
     if run is None:
         return None, ""
     return run.info.status, run.data.tags.get(REASON_TAG, "")
-
-
-FINISHED = RunStatus.to_string(RunStatus.FINISHED)
-FAILED = RunStatus.to_string(RunStatus.FAILED)

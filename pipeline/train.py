@@ -6,12 +6,10 @@ draw and a learning rate are pure functions of (seed, step), so a resumed run co
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,10 +17,13 @@ import torch.distributed as dist
 
 from pipeline import distributed
 from pipeline.config import RunSpec, TrainConfig
-from pipeline.data import DataError, load_dataset
-from pipeline.flops import BudgetPlan, flops_per_token, plan_budget
-from pipeline.model import ModelConfig, Transformer
-from pipeline.objectives import FAMILIES, diffusion_times, generator, mean_and_stderr, sequence_losses
+from pipeline.data import TokenDataset, load_dataset
+from pipeline.errors import ConfigError, DataError
+from pipeline.family import FAMILIES, Family, mean_and_stderr
+from pipeline.flops import BudgetPlan, flops_per_token
+from pipeline.model import Transformer
+from pipeline.noise import MonteCarlo
+from pipeline.run_folder import RunFolder
 
 # Dense bf16 peak FLOP/s by device name, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -53,7 +54,7 @@ class TrainResult:
 
 
 class Reporter:
-    """Hooks the trainer calls; the default prints progress. Subclasses log to MLflow or Ray."""
+    """Hooks the trainer calls; the default ignores them. Subclasses log to MLflow or Ray."""
 
     def metrics(self, rows: list[dict]) -> None:
         """Rank 0, every log_every steps: one dict per step (step, loss, lr, tokens, flops, tokens_per_s, mfu)."""
@@ -76,28 +77,19 @@ def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     """(micro batch per rank, gradient-accumulation steps) for the global batch."""
     micro = cfg.micro_batch_size or cfg.batch_size // world_size
     if micro == 0 or cfg.batch_size % (micro * world_size):
-        raise ValueError(f"train.batch_size: {cfg.batch_size} is not a multiple of micro_batch_size ({micro}) x "
+        raise ConfigError(f"train.batch_size: {cfg.batch_size} is not a multiple of micro_batch_size ({micro}) x "
                          f"world size ({world_size})")
     return micro, cfg.batch_size // (micro * world_size)
 
 
-def plan_run(spec: RunSpec, vocab_size: int) -> BudgetPlan:
-    cfg = spec.train
-    return plan_budget(spec.budget, spec.shape, vocab_size=vocab_size, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                       convention=cfg.flops_convention, min_steps=cfg.min_steps)
-
-
-def check_run(spec: RunSpec, data_dir: str | Path, world_size: int = 1):
+def check_run(spec: RunSpec, data_dir: str | Path, world_size: int = 1) -> tuple[TokenDataset, BudgetPlan]:
     """Everything that can be wrong before compute is spent; returns (dataset, plan)."""
     data = load_dataset(data_dir)
     if spec.data_fingerprint and spec.data_fingerprint != data.info.fingerprint:
         raise DataError(f"data: {data_dir} has fingerprint {data.info.fingerprint}, the run expects {spec.data_fingerprint}")
     cfg = spec.train
     batch_layout(cfg, world_size)
-    plan = plan_run(spec, data.info.vocab_size)
-    if cfg.warmup_steps(plan.steps) >= plan.steps:
-        raise ValueError(f"train.warmup_min_steps: warmup of {cfg.warmup_steps(plan.steps)} steps is not shorter than "
-                         f"the run's {plan.steps} steps")
+    plan = spec.plan(data.info.vocab_size)
     data.val_blocks(seq_len=cfg.seq_len, max_blocks=1)  # raises if the val split is too short
     if data.num_train_blocks(cfg.seq_len) < 1:
         raise DataError(f"data: {data_dir} has no training block of seq_len+1={cfg.seq_len + 1} tokens")
@@ -116,6 +108,142 @@ def deepspeed_config(cfg: TrainConfig, micro: int, accumulation: int, bf16: bool
     }
 
 
+@dataclass
+class Run:
+    """One rank's view of a run being trained: what it is, where its data and weights are."""
+    spec: RunSpec
+    family: Family
+    data: TokenDataset
+    plan: BudgetPlan
+    rank: int
+    world: int
+    micro: int                  # sequences per micro batch on this rank
+    accumulation: int           # micro batches per step
+    device: torch.device
+    engine: object              # deepspeed.DeepSpeedEngine
+    optimizer: torch.optim.Optimizer
+    folder: RunFolder           # the final weights and description
+    params_total: int
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.folder.path / "checkpoints"
+
+
+def build_run(spec: RunSpec, data_dir: str | Path, out_dir: str | Path) -> Run:
+    """Process group, checks, model, optimizer and DeepSpeed engine; identical weights on every rank and attempt."""
+    distributed.configure_accelerator()
+    import deepspeed  # after the accelerator is chosen
+
+    rank, world = distributed.ensure_process_group()
+    cfg, family = spec.train, FAMILIES[spec.family]
+    data, plan = check_run(spec, data_dir, world)
+    micro, accumulation = batch_layout(cfg, world)
+    device = distributed.device_for_rank()
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    torch.manual_seed(cfg.seed)
+    model = Transformer(family.model_config(spec.shape, data.info.vocab_size, cfg.seq_len))
+    params_total = model.total_params()  # before ZeRO-3 partitions the parameters
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                      config=deepspeed_config(cfg, micro, accumulation, bf16))
+    return Run(spec, family, data, plan, rank, world, micro, accumulation, device, engine, optimizer,
+               RunFolder(out_dir), params_total)
+
+
+def resume(run: Run, resume_from: str | Path | None) -> int:
+    """Load `resume_from` (a DeepSpeed checkpoint folder), else the run's own latest checkpoint; the next step."""
+    source = Path(resume_from) if resume_from else (run.checkpoints if (run.checkpoints / "latest").exists() else None)
+    if source is None:
+        return 0
+    _, client = run.engine.load_checkpoint(str(source))
+    return int(client["step"])
+
+
+def train_step(run: Run, step: int) -> tuple[float, float]:
+    """One optimizer step over the global batch `step`; (this rank's mean loss, lr)."""
+    cfg = run.spec.train
+    lr = lr_at(step, run.plan.steps, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = 0.0
+    for m in range(run.accumulation):
+        shard = run.rank * run.accumulation + m  # a virtual rank: the global batch is the same however it is split
+        block = run.data.train_batch(step=step, rank=shard, world_size=run.world * run.accumulation,
+                                     batch_size=run.micro, seq_len=cfg.seq_len, seed=cfg.seed).to(run.device)
+        noise = run.family.training_noise(cfg, step, shard, run.micro)
+        if noise is not None:
+            noise = noise.to(run.device)
+        loss = run.family.loss(run.engine, block, noise).mean()
+        run.engine.backward(loss)
+        run.engine.step()
+        step_loss += loss.item() / run.accumulation
+    return step_loss, lr
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last log: averaged over ranks, timed, checked for divergence, then reported."""
+    run: Run
+    rows: list[dict] = field(default_factory=list)
+    clock: float = field(default_factory=time.perf_counter)
+
+    def add(self, step: int, loss: float, lr: float) -> None:
+        self.rows.append({"step": step + 1, "loss": loss, "lr": lr})
+
+    def flush(self, reporter: Reporter, verbose: bool) -> None:
+        run, plan = self.run, self.run.plan
+        losses = _mean_over_ranks([r["loss"] for r in self.rows], run.world)
+        rate = len(self.rows) * plan.tokens_per_step / (time.perf_counter() - self.clock)
+        peak = _peak_flops(run.device) * run.world if run.device.type == "cuda" else None
+        for r, value in zip(self.rows, losses):
+            r.update(loss=value, tokens=r["step"] * plan.tokens_per_step,
+                     flops=r["step"] * plan.tokens_per_step * plan.flops_per_token, tokens_per_s=rate)
+            if peak:
+                r["mfu"] = rate * _real_flops_per_token(run) / peak
+        if not all(math.isfinite(v) for v in losses):
+            raise Diverged(f"loss became {losses[-1]} at step {self.rows[-1]['step']}")
+        if run.rank == 0:
+            reporter.metrics(self.rows)
+            if verbose:
+                _print_progress(self.rows[-1], plan, rate)
+        self.rows, self.clock = [], time.perf_counter()
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """Every rank writes its shard; older tags go once the new one is complete."""
+    tag = f"step{step:08d}"
+    run.engine.save_checkpoint(str(run.checkpoints), tag=tag, client_state={"step": step})
+    dist.barrier()
+    if run.rank == 0:
+        for old in run.checkpoints.glob("step*"):
+            if old.name != tag and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def finish(run: Run, start: int, seconds: float) -> TrainResult:
+    """Validate, write the run folder (rank 0) and drop the optimizer state, now dead weight."""
+    spec, plan, cfg = run.spec, run.plan, run.spec.train
+    val = run.data.val_blocks(seq_len=cfg.seq_len, max_blocks=cfg.val_blocks).to(run.device)
+    val_loss, val_stderr = _evaluate(run, val)
+    result = TrainResult(
+        run_hash=spec.run_hash, family=spec.family, model=spec.shape.label, params=spec.shape.non_embedding_params(),
+        params_total=run.params_total, budget=spec.budget, tokens=plan.tokens, flops=plan.flops,
+        flops_convention=cfg.flops_convention, steps=plan.steps, val_loss=val_loss, val_stderr=val_stderr,
+        world_size=run.world, seconds=seconds, tokens_per_s=(plan.steps - start) * plan.tokens_per_step / seconds,
+        resumed_from_step=start)
+    # ZeRO-3 holds a shard per rank: every rank takes part in gathering the full weights
+    engine = run.engine
+    state = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else engine.module.state_dict()
+    if run.rank == 0:
+        run.folder.write(state, spec, run.data.info, result)
+        shutil.rmtree(run.checkpoints, ignore_errors=True)
+    dist.barrier()
+    return result
+
+
 def train(spec: RunSpec, data_dir: str | Path, out_dir: str | Path, *, reporter: Reporter | None = None,
           resume_from: str | Path | None = None, stop_at: int | None = None, verbose: bool = True) -> TrainResult | None:
     """Train one run to its budget and evaluate it; returns the result on every rank.
@@ -124,109 +252,34 @@ def train(spec: RunSpec, data_dir: str | Path, out_dir: str | Path, *, reporter:
     one is there. `stop_at` ends early after checkpointing that step (returns None): an interruption
     on purpose, for tests and time-limited jobs.
     """
-    distributed.configure_accelerator()
-    import deepspeed  # after the accelerator is chosen
-
-    rank, world = distributed.ensure_process_group()
     reporter = reporter or Reporter()
-    cfg, objective = spec.train, FAMILIES[spec.family]
-    data, plan = check_run(spec, data_dir, world)
-    micro, accumulation = batch_layout(cfg, world)
-    device = distributed.device_for_rank()
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    out_dir = Path(out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every attempt
-    model = Transformer(ModelConfig(spec.shape, data.info.vocab_size, cfg.seq_len, objective.causal))
-    params_total = model.total_params()  # before ZeRO-3 partitions the parameters
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=deepspeed_config(cfg, micro, accumulation, bf16))
-
-    start = 0
-    source = Path(resume_from) if resume_from else (ckpt_dir if (ckpt_dir / "latest").exists() else None)
-    if source is not None:
-        _, client = engine.load_checkpoint(str(source))
-        start = int(client["step"])
-    if verbose and rank == 0:
-        print(f"[{spec.run_name}] {spec.family} N={spec.shape.non_embedding_params():,} D={plan.tokens:,} tokens "
-              f"C={plan.flops:.3g} steps={plan.steps} world={world} zero={cfg.zero_stage}"
-              + (f" resuming at step {start}" if start else ""), flush=True)
-
-    real_flops_per_token = flops_per_token(spec.shape, data.info.vocab_size, cfg.seq_len, "palm")
-    peak = _peak_flops(device) * world if device.type == "cuda" else None
-    rows, clock, started = [], time.perf_counter(), time.perf_counter()
-    tokens_since = 0
-    end = plan.steps if stop_at is None else min(stop_at, plan.steps)
+    run = build_run(spec, data_dir, out_dir)
+    cfg, steps = spec.train, run.plan.steps
+    start, started = resume(run, resume_from), time.perf_counter()
+    if verbose and run.rank == 0:
+        _announce(run, start)
+    window, end = LogWindow(run), steps if stop_at is None else min(stop_at, steps)
     for step in range(start, end):
-        lr = lr_at(step, plan.steps, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        times = diffusion_times(cfg.batch_size, generator(cfg.seed, step, 0), cfg.t_sampling == "stratified")
-        step_loss = 0.0
-        for m in range(accumulation):
-            shard = rank * accumulation + m  # a virtual rank: the global batch is the same however it is split
-            block = data.train_batch(step=step, rank=shard, world_size=world * accumulation, batch_size=micro,
-                                     seq_len=cfg.seq_len, seed=cfg.seed).to(device)
-            t = times[shard * micro:(shard + 1) * micro].to(device)
-            u = torch.rand(block.shape[0], cfg.seq_len, generator=generator(cfg.seed, step, 1, shard)).to(device)
-            loss = objective.loss(engine, block, t, u, cfg.mdm_eps).mean()
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.item() / accumulation
-        rows.append({"step": step + 1, "loss": step_loss, "lr": lr})
-        tokens_since += plan.tokens_per_step
-
-        last = step + 1 == end
-        if (step + 1) % cfg.log_every == 0 or last:
-            losses = _mean_over_ranks([r["loss"] for r in rows], world)
-            elapsed = time.perf_counter() - clock
-            rate = tokens_since / elapsed
-            for r, value in zip(rows, losses):
-                r.update(loss=value, tokens=r["step"] * plan.tokens_per_step,
-                         flops=r["step"] * plan.tokens_per_step * plan.flops_per_token, tokens_per_s=rate)
-                if peak:
-                    r["mfu"] = rate * real_flops_per_token / peak
-            if not all(math.isfinite(v) for v in losses):
-                raise Diverged(f"loss became {losses[-1]} at step {rows[-1]['step']}")
-            if rank == 0:
-                reporter.metrics(rows)
-                if verbose:
-                    _print_progress(rows[-1], plan, rate)
-            rows, clock, tokens_since = [], time.perf_counter(), 0
-        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or (last and not step + 1 == plan.steps):
-            _save_checkpoint(engine, ckpt_dir, step + 1)
-            reporter.checkpoint(step + 1, ckpt_dir, {"step": step + 1})
-    if end < plan.steps:
+        window.add(step, *train_step(run, step))
+        done = step + 1
+        if done % cfg.log_every == 0 or done == end:
+            window.flush(reporter, verbose)
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (done == end and done < steps):
+            save_checkpoint(run, done)
+            reporter.checkpoint(done, run.checkpoints, {"step": done})
+    if end < steps:
         return None
-
-    val = data.val_blocks(seq_len=cfg.seq_len, max_blocks=cfg.val_blocks).to(device)
-    val_loss, val_stderr = _evaluate(spec, engine, val, rank, world)
-    seconds = time.perf_counter() - started
-    result = TrainResult(
-        run_hash=spec.run_hash, family=spec.family, model=spec.shape.label, params=spec.shape.non_embedding_params(),
-        params_total=params_total, budget=spec.budget, tokens=plan.tokens, flops=plan.flops,
-        flops_convention=cfg.flops_convention, steps=plan.steps, val_loss=val_loss, val_stderr=val_stderr,
-        world_size=world, seconds=seconds, tokens_per_s=(plan.steps - start) * plan.tokens_per_step / seconds,
-        resumed_from_step=start)
-    # ZeRO-3 holds a shard per rank: every rank takes part in gathering the full weights
-    state = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else engine.module.state_dict()
-    if rank == 0:
-        _save_final(state, spec, data.info, result, out_dir)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # optimizer state is dead weight once model.pt is written
-    dist.barrier()
-    return result
+    return finish(run, start, time.perf_counter() - started)
 
 
-def _evaluate(spec: RunSpec, engine, val: torch.Tensor, rank: int, world: int) -> tuple[float, float]:
+def _evaluate(run: Run, val: torch.Tensor) -> tuple[float, float]:
     """Each rank scores every world-th sequence; ranks do equal work (ZeRO-3 gathers weights in lockstep)."""
-    cfg, n = spec.train, len(val)
+    cfg, n, rank, world = run.spec.train, len(val), run.rank, run.world
     per_rank = math.ceil(n / world)
     mine = [i % n for i in range(rank, per_rank * world, world)]
-    values = sequence_losses(spec.family, engine, val, mine, samples=cfg.eval_samples, seed=cfg.seed,
-                             batch_size=cfg.eval_batch_size, eps=cfg.mdm_eps, stratified=cfg.t_sampling == "stratified")
+    mc = MonteCarlo(samples=cfg.eval_samples, seed=cfg.seed, eps=cfg.mdm_eps, stratified=cfg.t_sampling == "stratified",
+                    batch_size=cfg.eval_batch_size)
+    values = run.family.sequence_losses(run.engine, val, mc, mine)
     gathered = torch.zeros(n, dtype=torch.float64)
     keep = [k for k, i in enumerate(range(rank, per_rank * world, world)) if i < n]
     gathered[[mine[k] for k in keep]] = values[keep]
@@ -243,27 +296,16 @@ def _mean_over_ranks(values: list[float], world: int) -> list[float]:
     return (tensor / world).tolist()
 
 
-def _save_checkpoint(engine, ckpt_dir: Path, step: int) -> None:
-    """Every rank writes its shard; older tags go once the new one is complete."""
-    tag = f"step{step:08d}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
-    dist.barrier()
-    if dist.get_rank() == 0:
-        for old in ckpt_dir.glob("step*"):
-            if old.name != tag and old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+def _real_flops_per_token(run: Run) -> float:
+    """For MFU: the palm count (head and attention included), whatever convention the budget uses."""
+    return flops_per_token(run.spec.shape, run.data.info.vocab_size, run.spec.train.seq_len, "palm")
 
 
-def _save_final(state: dict, spec: RunSpec, info, result: TrainResult, out_dir: Path) -> None:
-    """Plain fp32 weights and the run's description, loadable without DeepSpeed (sampling, scoring)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.float().cpu() for k, v in state.items()}, out_dir / "model.pt")
-    description = {"spec": spec.identity(), "run_name": spec.run_name, "data": str(info.path),
-                   "vocab_size": info.vocab_size, "result": asdict(result)}
-    tmp = out_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(description, indent=2))
-    os.replace(tmp, out_dir / "result.json")  # written last: its presence means the run is complete
+def _announce(run: Run, start: int) -> None:
+    spec, plan, cfg = run.spec, run.plan, run.spec.train
+    print(f"[{spec.run_name}] {spec.family} N={spec.shape.non_embedding_params():,} D={plan.tokens:,} tokens "
+          f"C={plan.flops:.3g} steps={plan.steps} world={run.world} zero={cfg.zero_stage}"
+          + (f" resuming at step {start}" if start else ""), flush=True)
 
 
 def _peak_flops(device: torch.device) -> float | None:

@@ -8,7 +8,7 @@ import pytest
 
 from analysis.bootstrap import resample_counts
 from analysis.frontier import compute_gap, power_law_frontier, saturating_frontier
-from analysis.isoflop import bucket_budgets, fit_isoflop, fit_power_law
+from analysis.isoflop import bucket_budgets, fit_curve, fit_isoflop, fit_optima_laws, fit_power_law
 from analysis.lbfgs import minimize_batched
 from analysis.parametric import GRID, ChinchillaLaw, fit_parametric
 from analysis.study import Settings, analyze
@@ -51,6 +51,44 @@ def test_resampling_stays_within_each_budget():
     groups = np.array([0, 0, 0, 1, 1])
     counts = resample_counts(groups, 50, np.random.default_rng(0))
     assert (counts[:, :3].sum(1) == 3).all() and (counts[:, 3:].sum(1) == 2).all()
+
+
+def test_one_curve_finds_the_parabola_minimum_and_flags_an_edge():
+    n = np.geomspace(1e8, 1e9, 5)
+    x_star = np.log(3e8)
+    beyond = np.log(3e9)  # row 1: its minimum lies above the largest size
+    losses = np.stack([2.0 + 0.1 * (np.log(n) - x_star) ** 2, 2.0 + 0.1 * (np.log(n) - beyond) ** 2])
+    notes = []
+    curve = fit_curve(1e19, n, np.log(1e19 / (6 * n)), losses, "f", notes)
+    assert curve.bucket.n_opt == pytest.approx(3e8) and curve.bucket.l_opt == pytest.approx(2.0)
+    assert curve.bucket.d_opt == pytest.approx(1e19 / (6 * 3e8))
+    assert curve.interior.tolist() == [True, False] and notes == []
+    assert curve.bucket.n_opt_ci is None  # one resample that left the range: no interval
+    edge = fit_curve(1e19, n, np.log(1e19 / (6 * n)), losses[::-1], "f", notes)
+    assert edge.bucket.edge and not edge.bucket.usable and "above the largest sampled size" in edge.bucket.note
+    assert "optimum at the edge" in notes[0]
+
+
+def test_a_curve_with_too_few_sizes_has_no_parabola():
+    curve = fit_curve(1e19, np.array([1e8, 2e8, 2e8]), np.zeros(3), np.full((4, 3), 3.0))
+    assert curve.bucket.parabola is None and curve.bucket.note == "2 size(s): no parabola"
+    assert np.isnan(curve.optima).all() and curve.optima.shape == (3, 4) and not curve.interior.any()
+
+
+def test_optima_laws_fit_exact_power_laws_over_the_masked_budgets():
+    c = np.array([1e18, 1e19, 1e20, 1e21])
+    truth = np.log([2e-4 * c ** 0.6, 1e3 * c ** 0.4, np.exp(3.0) * c ** -0.05])  # ln N*, ln D*, ln L*
+    optima = np.stack([truth[0], truth[1], np.exp(truth[2])])[:, None, :].repeat(3, axis=1)
+    optima[:, 1, 3] = 99.0  # a resample whose last optimum left the range: masked out
+    mask = np.ones((3, 4), dtype=bool)
+    mask[1, 3] = False
+    mask[2, 1:] = False  # one budget left: that resample fails
+    laws, draws = fit_optima_laws(c, optima, mask)
+    for name, coef, exponent in (("n_opt", 2e-4, 0.6), ("d_opt", 1e3, 0.4), ("l_opt", np.exp(3.0), -0.05)):
+        assert laws[name].coef == pytest.approx(coef) and laws[name].exponent == pytest.approx(exponent)
+        assert laws[name].n_points == 4
+        assert draws[name][0] == pytest.approx([np.log(coef), exponent]) and np.isnan(draws[name][1]).all()
+    assert fit_optima_laws(c, optima[:, :1], mask[:1])[1] == {}  # no resamples, no draws
 
 
 def test_chinchilla_allocation_minimises_the_law_at_fixed_compute():
@@ -117,7 +155,7 @@ def test_intervals_cover_the_truth_at_about_their_nominal_rate():
 
 
 def test_epoch_chinchilla_reproduces_the_published_fit():
-    """DESIGN §5: drop the 5 highest-loss points, D = C/(6N), Huber delta 1e-3, L-BFGS from the grid."""
+    """docs/method.md §8: drop the 5 highest-loss points, D = C/(6N), Huber delta 1e-3, L-BFGS from the grid."""
     df = pd.read_csv(reference("chinchilla_epoch.csv")).sort_values("loss").iloc[:-5]
     n, c, loss = df["Model Size"].to_numpy(), df["Training FLOP"].to_numpy(), df["loss"].to_numpy()
     fit = fit_parametric(n, c / (6 * n), loss)
@@ -130,7 +168,7 @@ def test_epoch_chinchilla_reproduces_the_published_fit():
 
 
 def test_smdm_digitised_optima_reproduce_the_paper():
-    """DESIGN §2: MDM L* ≈ 50.3·C^-0.0625, N* ≈ 1.25e-4·C^0.629; ARM L* ≈ 45.6·C^-0.0642, N* ≈ 1.37e-4·C^0.642;
+    """docs/method.md §8: MDM L* ≈ 50.3·C^-0.0625, N* ≈ 1.25e-4·C^0.629; ARM L* ≈ 45.6·C^-0.0642, N* ≈ 1.37e-4·C^0.642;
     gap ≈ 16x. The file holds optima, so the frontier laws are fitted on its points directly."""
     df = pd.read_csv(reference("smdm_optima_digitized.csv"))
     paper = {"MDM": (50.3, -0.0625, 1.25e-4, 0.629), "ARM": (45.6, -0.0642, 1.37e-4, 0.642)}

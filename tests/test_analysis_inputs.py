@@ -4,9 +4,10 @@ import pandas as pd
 import pytest
 
 from analysis.cli import main
-from analysis.runs import RunsError, clean, conform, from_mlflow, load_runs, parse_map, write_table
+from analysis.runs import clean, conform, from_mlflow, load_runs, parse_map, write_table
 from analysis.study import Settings, analyze
 from analysis.synthetic import TRUTH, synthetic_runs
+from pipeline.errors import RunsError
 
 QUIET = Settings(bootstrap=50)
 ARM = {"arm": TRUTH["arm"]}
@@ -137,6 +138,27 @@ def test_from_mlflow_reads_child_runs(tmp_path):
     assert main(["--experiment", "sweep", "--tracking-uri", uri, "--out", str(out), "--bootstrap", "10"]) == 0
     assert (out / "fits.json").is_file() and (out / "isoflop_curves.png").is_file()
     assert "status is not FINISHED" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_a_relative_sqlite_uri_is_read_from_the_current_folder(tmp_path, monkeypatch, capsys, flag):
+    """As `isoflop sweep` resolves it, so a later `analyze` from the same folder opens the same file."""
+    import analysis.cli
+
+    seen = []
+
+    def fake_from_mlflow(experiment, uri, finished_only=True):
+        seen.append(uri)
+        raise RunsError("stop here")
+
+    monkeypatch.setattr(analysis.cli, "from_mlflow", fake_from_mlflow)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///from_env.db")
+    args = ["--tracking-uri", "sqlite:///runs/mlflow.db"] if flag else []
+    assert main(["--experiment", "sweep", "--out", str(tmp_path / "o"), *args]) == 2
+    name = "runs/mlflow.db" if flag else "from_env.db"
+    assert seen == ["sqlite:///" + str((tmp_path / name).resolve())]
+    assert "stop here" in capsys.readouterr().err
 
 
 def test_curves_of_exactly_three_runs_have_no_approach_2_intervals():

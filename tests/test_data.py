@@ -1,5 +1,8 @@
+import ast
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -7,8 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import data
-from pipeline.data import DataError, SyntheticLanguage, SyntheticSpec, load_dataset, prepare, synthetic
+import pipeline.prepare as preparing
+from pipeline import tokenizer as tokenizer_module
+from pipeline.data import load_dataset, load_tokenizer
+from pipeline.errors import DataError
+from pipeline.prepare import prepare
+from pipeline.synthetic import SyntheticLanguage, SyntheticSpec, synthetic
 
 WORDS = "the cat dog sat on a mat ran far away quickly and then slept under old green tree".split()
 
@@ -115,7 +122,7 @@ def test_prepare_round_trips(tmp_path, kind, tokenizer):
     else:
         from tokenizers import Tokenizer
         hf = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
-        assert info.vocab_size == hf.get_vocab_size() <= 300 and hf.id_to_token(info.eos_id) == data.EOS
+        assert info.vocab_size == hf.get_vocab_size() <= 300 and hf.id_to_token(info.eos_id) == tokenizer_module.EOS
         decode = lambda ids: hf.decode(ids.tolist())  # noqa: E731
     train, val = split_documents(ds, "train", decode), split_documents(ds, "val", decode)
     assert len(val) == 6 and sorted(train + val) == sorted(docs)  # split by whole documents, none lost
@@ -177,7 +184,7 @@ def test_crashed_prepare_leaves_nothing_loadable(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(data, "_write_dataset", crash)
+    monkeypatch.setattr(preparing, "write_dataset", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         prepare([pattern], tmp_path / "out")
     with pytest.raises(DataError, match=str(tmp_path / "out")):
@@ -185,7 +192,7 @@ def test_crashed_prepare_leaves_nothing_loadable(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
     monkeypatch.undo()
     info = prepare([pattern], tmp_path / "out")
-    monkeypatch.setattr(data, "_write_dataset", crash)
+    monkeypatch.setattr(preparing, "write_dataset", crash)
     with pytest.raises(RuntimeError):
         prepare([pattern], tmp_path / "out", overwrite=True)
     assert load_dataset(tmp_path / "out").info == info  # a failed overwrite keeps the old dataset
@@ -211,6 +218,14 @@ def test_load_dataset_rejects_missing_and_corrupt(tmp_path, corpus):
 
 
 # ---------------------------------------------------------------------------------------- synthetic
+
+def test_synthetic_fingerprint_is_pinned(tmp_path):
+    # Fingerprints are part of finished runs' identity: this value came from the code before the
+    # data modules were split, and must never change (a new corpus needs a new writer, not an edit).
+    info = synthetic(tmp_path / "x", tokens=50_000, seed=3)
+    assert info.fingerprint == "63633fe34d706061"
+    assert info.entropy_rate_nats == pytest.approx(2.2970007058214437, abs=1e-12)
+
 
 def test_synthetic_is_deterministic(tmp_path):
     a = synthetic(tmp_path / "a", tokens=30_000, seed=0)
@@ -243,3 +258,48 @@ def test_entropy_rate_matches_the_true_model(spec, language):
         assert lang.vocab_size == 512 and 0.3 < rate / math.log(512) < 0.7
         counts = np.bincount(stream, minlength=512)
         assert counts[0] > counts[100] > counts[400] > 0  # Zipf-like token frequencies, every id used
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_module_does_not_import_data():
+    tree = ast.parse(open(tokenizer_module.__file__).read())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert {m for m in imported if m.startswith("pipeline")} == {"pipeline.errors"}
+    code = "import sys, pipeline.tokenizer; print(sorted(m for m in sys.modules if m.startswith('pipeline.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "['pipeline.errors', 'pipeline.tokenizer']"
+
+
+@pytest.mark.parametrize("spec", ["byte", "bpe:300"])
+def test_prepare_and_prompts_share_one_tokenizer(tmp_path, spec):
+    pattern = write_inputs(tmp_path, "jsonl", documents(30))
+    info = prepare([pattern], tmp_path / "out", tokenizer=spec)
+    loaded = load_tokenizer(info.path)
+    assert (loaded.kind, loaded.name) == ("byte" if spec == "byte" else "hf", spec)
+    assert (loaded.vocab_size, loaded.eos_id) == (info.vocab_size, info.eos_id)
+    # a document encodes to exactly the ids prepare wrote for it
+    ids = np.fromfile(info.path / "train.bin", dtype=np.uint16)
+    first = ids[:np.flatnonzero(ids == info.eos_id)[0]]
+    text = loaded.decode(first.tolist())
+    assert np.array_equal(loaded.encode_batch([text])[0], first) and loaded.encode(text) == first.tolist()
+    assert loaded.encode_prompt(text) == [info.eos_id, *first.tolist()]
+
+
+def test_synthetic_prompts_are_ids(corpus):
+    ids = load_tokenizer(corpus.info.path)
+    assert (ids.kind, ids.name, ids.vocab_size, ids.eos_id) == ("ids", "synthetic", 512, 511)
+    assert ids.encode_prompt("3 447 10") == [511, 3, 447, 10] and ids.decode([3, 447]) == "3 447"
+    with pytest.raises(DataError, match="give token ids 0..511"):
+        ids.encode("3 512")
+
+
+def test_bad_tokenizer_specs(tmp_path):
+    (tmp_path / "junk.json").write_text("{}")
+    cases = {"bpe:100": "VOCAB must be an integer above 257", "bpe:x": "VOCAB must be",
+             str(tmp_path / "missing.json"): "no such file", str(tmp_path / "junk.json"): "not a tokenizer.json",
+             "gpt2": "must be 'byte', 'bpe:VOCAB' or an existing tokenizer.json"}
+    for spec, message in cases.items():
+        with pytest.raises(DataError, match=message):
+            tokenizer_module.Tokenizer.from_spec(spec, iter(["a b"]))

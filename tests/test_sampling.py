@@ -12,13 +12,16 @@ from scipy import stats
 
 from pipeline.cli import main
 from pipeline.config import RunSpec, TrainConfig
-from pipeline.data import SyntheticLanguage, synthetic
-from pipeline.model import ModelConfig, Transformer
-from pipeline.objectives import arm_loss, mdm_loss
-from pipeline.sampling import (ArmSampling, ChoiceTask, MdmSampling, SamplingError, Scoring, arm_sample,
-                               continuation_nll, evaluate_choices, gumbel, gumbel_argmax, guided_logits, mdm_sample)
+from pipeline.data import load_tokenizer
+from pipeline.errors import SamplingError
+from pipeline.family import FAMILIES
+from pipeline.flops import budget_for_steps
+from pipeline.model import Transformer
+from pipeline.noise import MonteCarlo, masking
+from pipeline.sampling import ArmSampling, MdmSampling, arm_sample, gumbel, gumbel_argmax, guided_logits, mdm_sample
+from pipeline.scoring import ChoiceTask, continuation_nll, evaluate_choices
 from pipeline.shapes import Shape, resolve_shape
-from pipeline.tokenizer import load_tokenizer
+from pipeline.synthetic import SyntheticLanguage, synthetic
 from pipeline.train import train
 
 TINY_SHAPE = resolve_shape("{n_layer: 1, n_head: 2, d_model: 32}")
@@ -37,7 +40,7 @@ class FixedLogits(Transformer):
     """An MDM whose output at each position ignores the input: the distribution its samples follow is known."""
 
     def __init__(self, logits: torch.Tensor):
-        super().__init__(ModelConfig(Shape(1, 1, 2, 2), vocab_size=logits.shape[1], seq_len=logits.shape[0], causal=False))
+        super().__init__(FAMILIES["mdm"].model_config(Shape(1, 1, 2, 2), vocab_size=logits.shape[1], seq_len=logits.shape[0]))
         self.register_buffer("fixed", logits.float())
         self.calls, self.rows, self.inputs = 0, 0, []
 
@@ -48,10 +51,10 @@ class FixedLogits(Transformer):
         return self.fixed[:idx.shape[1]].repeat(len(idx), 1, 1)
 
 
-def random_model(causal: bool, vocab: int = 48, seq_len: int = 48, seed: int = 0) -> Transformer:
+def random_model(family: str, vocab: int = 48, seq_len: int = 48, seed: int = 0) -> Transformer:
     """Weights larger than the training init, so that outputs depend clearly on the input."""
     torch.manual_seed(seed)
-    model = Transformer(ModelConfig(Shape(2, 2, 32, 64), vocab, seq_len, causal)).eval()
+    model = Transformer(FAMILIES[family].model_config(Shape(2, 2, 32, 64), vocab, seq_len)).eval()
     for weight in (p for p in model.parameters() if p.dim() == 2):
         torch.nn.init.normal_(weight, std=0.3)
     return model
@@ -101,7 +104,7 @@ def test_network_calls_are_skipped_when_no_token_changed():
 
 
 def test_samplers_are_deterministic_given_a_seed():
-    model = random_model(causal=False)
+    model = random_model("mdm")
     prompt = torch.randint(0, 48, (3, 5), generator=torch.Generator().manual_seed(0))
     for sampler in ("reverse", "confidence"):
         cfg = MdmSampling(16, steps=8, sampler=sampler, seed=7)
@@ -139,7 +142,7 @@ def test_float32_gumbel_noise_under_draws_the_tail_of_a_peaked_distribution():
 
 
 def test_kv_cached_and_uncached_arm_decoding_give_the_same_tokens():
-    model = random_model(causal=True)
+    model = random_model("arm")
     prompt = torch.randint(0, 48, (3, 4), generator=torch.Generator().manual_seed(1))
     for temperature in (1.0, 0.0):
         cached = arm_sample(model, prompt, ArmSampling(40, temperature=temperature, seed=2))
@@ -151,7 +154,7 @@ def test_kv_cached_and_uncached_arm_decoding_give_the_same_tokens():
 def test_unsupervised_cfg():
     """W = 0 is the plain conditional output; otherwise u + (W + 1)(c − u) with u from the prompt masked,
     both halves from one forward on the doubled batch."""
-    model = random_model(causal=False)
+    model = random_model("mdm")
     x = torch.randint(0, 48, (2, 20), generator=torch.Generator().manual_seed(3))
     x[:, 12:] = model.mask_token_id
     with torch.no_grad():
@@ -185,42 +188,42 @@ def test_unsupervised_cfg():
     (lambda m, a: mdm_sample(a, torch.zeros(1, 4, dtype=torch.long), MdmSampling(8)), "is an ARM"),
     (lambda m, a: arm_sample(m, torch.zeros(1, 4, dtype=torch.long), ArmSampling(8)), "is an MDM"),
     (lambda m, a: arm_sample(a, torch.zeros(1, 0, dtype=torch.long), ArmSampling(8)), "at least one token"),
-    (lambda m, a: continuation_nll(a, [1], [2], Scoring(cfg=1.0)), "cfg needs an MDM"),
+    (lambda m, a: continuation_nll(a, [1], [2], MonteCarlo(cfg=1.0)), "cfg needs an MDM"),
     (lambda m, a: continuation_nll(m, [1] * 40, [2] * 9), "use continuation length <= 8"),
     (lambda m, a: continuation_nll(m, [1], []), "continuation is empty"),
 ])
 def test_bad_sampling_input_is_refused(call, message):
     with pytest.raises(SamplingError, match=re.escape(message)):
-        call(random_model(causal=False), random_model(causal=True))
+        call(random_model("mdm"), random_model("arm"))
 
 
 # ---------------------------------------------------------------------------------------- likelihood
 
-def overfit(causal: bool, sequence: torch.Tensor, steps: int = 300) -> Transformer:
+def overfit(family: str, sequence: torch.Tensor, steps: int = 300) -> Transformer:
     """A tiny model that has memorised one sequence (for an MDM: under every mask)."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(Shape(1, 2, 32, 128), vocab_size=32, seq_len=len(sequence), causal=causal))
+    model = Transformer(FAMILIES[family].model_config(Shape(1, 2, 32, 128), vocab_size=32, seq_len=len(sequence)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
-    pad = sequence[:1]  # arm_loss reads block[:, :-1] and mdm_loss block[:, 1:]: either way the model sees `sequence`
-    block = torch.cat([sequence, pad] if causal else [pad, sequence]).repeat(16, 1)
+    pad = sequence[:1]  # the ARM's loss reads block[:, :-1] and the MDM's block[:, 1:]: either way it sees `sequence`
+    block = torch.cat([sequence, pad] if family == "arm" else [pad, sequence]).repeat(16, 1)
     for _ in range(steps):
-        loss = (arm_loss(model, block) if causal else
-                mdm_loss(model, block, torch.rand(16, generator=gen), torch.rand(16, len(sequence), generator=gen)))
+        noise = masking(torch.rand(16, generator=gen), torch.rand(16, len(sequence), generator=gen), 1e-3)
+        loss = FAMILIES[family].loss(model, block, noise if family == "mdm" else None)
         optimizer.zero_grad()
         loss.mean().backward()
         optimizer.step()
     return model.eval()
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_a_memorised_continuation_scores_better_than_a_random_one(causal):
+@pytest.mark.parametrize("family", ["arm", "mdm"])
+def test_a_memorised_continuation_scores_better_than_a_random_one(family):
     gen = torch.Generator().manual_seed(1)
     sequence = torch.randint(0, 32, (16,), generator=gen)
-    model = overfit(causal, sequence)
+    model = overfit(family, sequence)
     context, memorised = sequence[:4].tolist(), sequence[4:].tolist()
     other = torch.randint(0, 32, (12,), generator=gen).tolist()
-    for scoring in [Scoring(samples=32)] + ([] if causal else [Scoring(samples=32, cfg=1.0)]):
+    for scoring in [MonteCarlo(samples=32)] + ([MonteCarlo(samples=32, cfg=1.0)] if family == "mdm" else []):
         good, bad = continuation_nll(model, context, memorised, scoring), continuation_nll(model, context, other, scoring)
         assert good < 0.25 * bad, (scoring, good, bad)
         assert continuation_nll(model, context, memorised, scoring) == good  # seeded: the same number every time
@@ -238,7 +241,7 @@ def trained(tmp_path_factory):
     steps = 120
     folders = {}
     for family in ("mdm", "arm"):
-        budget = 6 * TINY_SHAPE.non_embedding_params() * cfg.batch_size * cfg.seq_len * steps
+        budget = budget_for_steps(TINY_SHAPE, steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
         train(RunSpec(family=family, shape=TINY_SHAPE, budget=budget, train=cfg), data, root / family, verbose=False)
         folders[family] = root / family
     return folders
@@ -250,12 +253,13 @@ def synthetic_tasks(n: int, seed: int = 0) -> list[ChoiceTask]:
 
 
 def test_multiple_choice_on_a_task_the_trained_models_learned(trained):
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.run_folder import RunFolder
 
     tasks = synthetic_tasks(24)
     for family, folder in trained.items():
-        ckpt = load_checkpoint(folder)
-        result = evaluate_choices(ckpt.model, ckpt.tokenizer(), tasks, Scoring(samples=16))
+        loaded = RunFolder(folder).load()
+        assert loaded.family is FAMILIES[family]
+        result = evaluate_choices(loaded.model, loaded.tokenizer(), tasks, MonteCarlo(samples=16))
         assert result.total == 24 and result.accuracy >= 0.8, (family, result)
 
 
@@ -291,7 +295,7 @@ def test_cli_sample_and_score(trained, tmp_path, capsys):
     (["sample", "--checkpoint", "{mdm}", "--prompt", "1", "--length", "8", "--steps", "0"], "steps must be positive"),
     (["sample", "--checkpoint", "{mdm}", "--prompt", "1", "--length", "4", "--sampler", "confidence", "--steps", "5"],
      "steps (5) must be <= length (4)"),
-    (["sample", "--checkpoint", "{arm}", "--prompt", "1", "--sampler", "reverse"], "is an ARM; --sampler"),
+    (["sample", "--checkpoint", "{arm}", "--prompt", "1", "--sampler", "reverse"], "is an ARM; --sampler apply to other families only"),
     (["sample", "--checkpoint", "{arm}", "--prompt", "1", "--cfg", "1"], "is an ARM; --cfg"),
     (["sample", "--checkpoint", "{mdm}", "--prompt", "hello"], "give token ids 0..511"),
     (["sample", "--checkpoint", "{root}", "--prompt", "1"], "has no model.pt or result.json"),
@@ -342,7 +346,8 @@ def test_cli_loads_a_run_from_mlflow(trained, tmp_path, capsys):
 
 
 def test_tokenizers_of_prepared_folders_round_trip(tmp_path):
-    from pipeline.data import DataError, prepare
+    from pipeline.errors import DataError
+    from pipeline.prepare import prepare
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": f"Café number {i} ☃"}) + "\n" for i in range(40)))

@@ -4,8 +4,10 @@ import math
 import pytest
 
 from pipeline.cli import main
-from pipeline.flops import BudgetError, flops_per_token, matmul_params, plan_budget
-from pipeline.model import ModelConfig, Transformer
+from pipeline.errors import BudgetError, ConfigError
+from pipeline.family import FAMILIES
+from pipeline.flops import budget_for_steps, flops_per_token, matmul_params, plan_budget
+from pipeline.model import Transformer
 from pipeline.shapes import CPU_SHAPES, PAPER_SHAPES, REGISTRY, Shape, resolve_shape
 
 
@@ -36,23 +38,23 @@ def test_cpu_ladder_spans_2k_to_5m_and_grows():
 
 
 @pytest.mark.parametrize("name", ["cpu-26k", "cpu-1.3M", "smdm-6M"])
-@pytest.mark.parametrize("causal", [True, False])
-def test_model_parameter_counts_match_formula(name, causal):
+@pytest.mark.parametrize("family", ["arm", "mdm"])
+def test_model_parameter_counts_match_formula(name, family):
     shape = REGISTRY[name]
-    model = Transformer(ModelConfig(shape, vocab_size=300, seq_len=32, causal=causal))
+    model = Transformer(FAMILIES[family].model_config(shape, vocab_size=300, seq_len=32))
     assert model.non_embedding_params() == shape.non_embedding_params()
-    assert model.total_params() == shape.non_embedding_params() + shape.embedding_params(300, mask_token=not causal)
+    assert model.total_params() == shape.non_embedding_params() + shape.embedding_params(300, mask_token=family == "mdm")
 
 
 def test_inline_shapes():
     shape = resolve_shape("{n_layer: 2, n_head: 2, d_model: 64}")
     assert (shape.n_layer, shape.d_ff) == (2, 256)
     assert resolve_shape({"n_layer": 1, "n_head": 4, "d_model": 64, "d_ff": 100}).d_ff == 100
-    with pytest.raises(ValueError, match="n_head=3 does not divide d_model=64"):
+    with pytest.raises(ConfigError, match="n_head=3 does not divide d_model=64"):
         resolve_shape({"n_layer": 1, "n_head": 3, "d_model": 64})
-    with pytest.raises(ValueError, match="did you mean cpu-26k"):
+    with pytest.raises(ConfigError, match="did you mean 'cpu-26k'"):
         resolve_shape("cpu-26K")
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ConfigError, match="unknown keys"):
         resolve_shape({"n_layer": 1, "n_head": 2, "d_model": 64, "heads": 2})
 
 
@@ -62,7 +64,7 @@ def test_flop_conventions():
     n_matmul = 2 * (4 * 64 * 64 + 3 * 64 * 256) + 64 * 100
     assert matmul_params(shape, 100) == n_matmul
     assert flops_per_token(shape, 100, 32, "palm") == 6 * n_matmul + 12 * 2 * 64 * 32
-    with pytest.raises(ValueError, match="flops_convention"):
+    with pytest.raises(BudgetError, match="flops_convention"):
         flops_per_token(shape, 100, 32, "7ND")
 
 
@@ -76,3 +78,22 @@ def test_budget_to_steps_and_minimum():
         plan_budget(1e10, shape, vocab_size=32000, seq_len=2048, batch_size=256, min_steps=20)
     with pytest.raises(BudgetError, match="positive"):
         plan_budget(-1.0, shape, vocab_size=32000, seq_len=2048, batch_size=256)
+
+
+@pytest.mark.parametrize("convention", ["6ND", "palm"])
+def test_budget_for_steps_inverts_the_plan(convention):
+    shape = REGISTRY["cpu-26k"]
+    budget = budget_for_steps(shape, 37, batch_size=8, seq_len=64, vocab_size=512, convention=convention)
+    plan = plan_budget(budget, shape, vocab_size=512, seq_len=64, batch_size=8, convention=convention)
+    assert plan.steps == 37 and plan.flops == pytest.approx(budget)
+
+
+def test_a_run_must_outlast_its_warmup():
+    from pipeline.config import RunSpec, TrainConfig
+
+    cfg = TrainConfig(seq_len=64, batch_size=8, warmup_min_steps=30, min_steps=5)
+    shape = REGISTRY["cpu-26k"]
+    spec = RunSpec(family="arm", shape=shape, budget=budget_for_steps(shape, 30, batch_size=8, seq_len=64), train=cfg)
+    with pytest.raises(BudgetError, match=r"30 steps .* do not outlast the warmup of 30 \(train.warmup_min_steps=30"):
+        spec.plan(512)
+    assert spec.model_copy(update={"budget": spec.budget * 2}).plan(512).steps == 60

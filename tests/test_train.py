@@ -8,7 +8,7 @@ import pytest
 from conftest import write_word_jsonl
 
 from pipeline.config import RunSpec, TrainConfig
-from pipeline.data import synthetic
+from pipeline.synthetic import synthetic
 from pipeline.train import Reporter, lr_at, train
 
 TINY = TrainConfig(seq_len=32, batch_size=8, lr=3e-3, warmup_min_steps=5, eval_samples=4, val_blocks=8,

@@ -1,13 +1,20 @@
+"""The two families: losses, the MDM bound's estimators, attention masks, and that nothing else branches on them."""
 import itertools
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.model import KVCache, ModelConfig, Transformer
-from pipeline.objectives import FAMILIES, diffusion_times, generator, mdm_loss, mean_and_stderr, sequence_losses
+from pipeline.config import TrainConfig
+from pipeline.family import FAMILIES, family_of, mean_and_stderr
+from pipeline.model import KVCache, Transformer
+from pipeline.noise import MonteCarlo, diffusion_times, generator, masking
 from pipeline.shapes import Shape
+
+ARM, MDM = FAMILIES["arm"], FAMILIES["mdm"]
 
 SHAPE = Shape(1, 2, 16, 32)
 EPS = 1e-3
@@ -15,7 +22,7 @@ EPS = 1e-3
 
 def tiny_model(family: str, vocab: int, seq_len: int, seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
-    model = Transformer(ModelConfig(SHAPE, vocab, seq_len, FAMILIES[family].causal))
+    model = Transformer(FAMILIES[family].model_config(SHAPE, vocab, seq_len))
     with torch.no_grad():  # larger weights than the default init, so predictions differ across masks
         for p in model.parameters():
             p.mul_(20)
@@ -50,11 +57,11 @@ def test_mdm_estimator_expectation_equals_enumerated_bound():
     g = generator(1, 2)
     t, u = torch.rand(draws, generator=g), torch.rand(draws, L, generator=g)
     with torch.no_grad():
-        values = mdm_loss(model, block.expand(draws, -1), t, u, EPS).double()
+        values = MDM.loss(model, block.expand(draws, -1), masking(t, u, EPS)).double()
     mean, se = mean_and_stderr(values)
     assert abs(mean - exact) < 4 * se, (mean, exact, se)
     # the stratified validation estimator targets the same number
-    strat = sequence_losses("mdm", model, block, samples=draws, seed=5, batch_size=4096)
+    strat = MDM.sequence_losses(model, block, MonteCarlo(samples=draws, seed=5, batch_size=4096))
     assert abs(strat.item() - exact) < 4 * se
 
 
@@ -65,15 +72,15 @@ def test_uniform_model_scores_log_v_for_both_families():
         model = tiny_model(family, vocab, L)
         torch.nn.init.zeros_(model.head.weight)  # every prediction uniform
         if family == "arm":
-            values = sequence_losses(family, model, blocks)
+            values = ARM.sequence_losses(model, blocks, MonteCarlo())
             assert torch.allclose(values, torch.full_like(values, math.log(vocab)), atol=1e-6)
         else:
             assert analytic_mdm_bound(model, blocks[0, 1:], EPS) == pytest.approx(math.log(vocab), abs=1e-9)
             draws = 20_000
             g = generator(7)
             with torch.no_grad():
-                values = mdm_loss(model, blocks[:1].expand(draws, -1), torch.rand(draws, generator=g),
-                                  torch.rand(draws, L, generator=g), EPS).double()
+                values = MDM.loss(model, blocks[:1].expand(draws, -1),
+                                  masking(torch.rand(draws, generator=g), torch.rand(draws, L, generator=g), EPS)).double()
             mean, se = mean_and_stderr(values)
             assert abs(mean - math.log(vocab)) < 4 * se
 
@@ -93,12 +100,12 @@ def test_stratified_and_iid_times_share_the_mean_and_stratified_has_less_varianc
 def test_validation_is_reproducible_and_split_invariant():
     model = tiny_model("mdm", 11, 8)
     blocks = torch.randint(0, 11, (6, 9), generator=torch.Generator().manual_seed(1))
-    whole = sequence_losses("mdm", model, blocks, samples=8, seed=3, batch_size=5)
-    again = sequence_losses("mdm", model, blocks, samples=8, seed=3, batch_size=16)
-    odd = sequence_losses("mdm", model, blocks, [1, 3, 5], samples=8, seed=3, batch_size=3)
+    whole = MDM.sequence_losses(model, blocks, MonteCarlo(samples=8, seed=3, batch_size=5))
+    again = MDM.sequence_losses(model, blocks, MonteCarlo(samples=8, seed=3, batch_size=16))
+    odd = MDM.sequence_losses(model, blocks, MonteCarlo(samples=8, seed=3, batch_size=3), [1, 3, 5])
     assert torch.equal(whole, again)
     assert torch.equal(whole[[1, 3, 5]], odd)
-    assert not torch.equal(whole, sequence_losses("mdm", model, blocks, samples=8, seed=4))
+    assert not torch.equal(whole, MDM.sequence_losses(model, blocks, MonteCarlo(samples=8, seed=4)))
 
 
 def test_mdm_attends_both_ways_arm_causally():
@@ -108,7 +115,8 @@ def test_mdm_attends_both_ways_arm_causally():
     changed[0, -1] = (x[0, -1] + 1) % vocab
     for family, future_matters in (("arm", False), ("mdm", True)):
         torch.manual_seed(0)
-        model = Transformer(ModelConfig(SHAPE, vocab, L, FAMILIES[family].causal))
+        model = Transformer(FAMILIES[family].model_config(SHAPE, vocab, L))
+        assert family_of(model) is FAMILIES[family]
         with torch.no_grad():
             differs = not torch.equal(model(x)[0, 0], model(changed)[0, 0])
         assert differs == future_matters
@@ -121,3 +129,27 @@ def test_kv_cache_matches_full_forward():
     with torch.no_grad():
         pieces = [model(x[:, a:b], cache) for a, b in ((0, 5), (5, 6), (6, 12))]
         assert torch.allclose(torch.cat(pieces, 1), model(x), atol=1e-5)
+
+
+def test_training_noise_is_the_global_batch_however_it_is_split():
+    """ARM draws none; an MDM's times are one stratified set over the global batch, sliced per micro batch."""
+    cfg = TrainConfig(seq_len=16, batch_size=8)
+    assert ARM.training_noise(cfg, step=3, shard=0, micro=8) is None
+    whole = MDM.training_noise(cfg, step=3, shard=0, micro=8)
+    halves = [MDM.training_noise(cfg, step=3, shard=s, micro=4) for s in (0, 1)]
+    assert torch.equal(torch.cat([h.p for h in halves]), whole.p)
+    assert torch.allclose(whole.p.sort().values.diff(), torch.full((7,), (1 - cfg.mdm_eps) / 8), atol=1e-6)
+    assert whole.masked.shape == (8, 16)
+    assert not torch.equal(MDM.training_noise(cfg, step=4, shard=0, micro=8).p, whole.p)
+
+
+# Where a family could be asked for by name or by its attention mask; model.py implements the mask itself.
+BRANCH = re.compile(r"""[=!]=\s*["'](arm|mdm)["']|["'](arm|mdm)["']\s*[=!]=|\bin\s*\(["'](arm|mdm)|\.causal\b""")
+
+
+def test_no_code_outside_the_family_module_branches_on_the_family():
+    root = Path(__file__).resolve().parents[1]
+    files = [*(root / "pipeline").glob("*.py"), *(root / "benchmarks").glob("*.py")]
+    offenders = [f"{path.name}:{n}: {line.strip()}" for path in files if path.name not in ("family.py", "model.py")
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if BRANCH.search(line)]
+    assert not offenders, offenders

@@ -1,0 +1,179 @@
+"""The two model families, each one object holding everything in which they differ (docs/method.md §2).
+
+Both share one Transformer. An ARM attends causally and is trained on next-token cross-entropy; an
+MDM attends both ways, has a mask token, and is trained on the masked-diffusion bound, which needs
+noise (a time and a mask per sequence) and Monte Carlo draws wherever its likelihood is estimated.
+Training, validation, scoring and sampling ask the family object; no other module branches on it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import TrainConfig
+from pipeline.errors import SamplingError
+from pipeline.model import ModelConfig, Transformer
+from pipeline.noise import Masking, MonteCarlo, diffusion_times, draws, generator, masking
+from pipeline.sampling import ArmSampling, MdmSampling, Sample, arm_sample, guided_logits, mdm_sample
+from pipeline.shapes import Shape
+
+
+class Family:
+    name: str
+    causal: bool               # the attention mask
+    mask_token: bool           # whether its inputs may hold a mask token
+    bound: str                 # what its validation loss is, for people reading numbers
+    sample_options: tuple[str, ...] = ("length", "temperature", "seed")
+    score_options: tuple[str, ...] = ()
+
+    def model_config(self, shape: Shape, vocab_size: int, seq_len: int) -> ModelConfig:
+        return ModelConfig(shape, vocab_size, seq_len, self.causal, self.mask_token)
+
+    def training_noise(self, cfg: TrainConfig, step: int, shard: int, micro: int) -> Masking | None:
+        """The noise of micro batch `shard` of global batch `step` (None when the loss needs none)."""
+        return None
+
+    def loss(self, model: Transformer, block: torch.Tensor, noise: Masking | None = None) -> torch.Tensor:
+        """Loss per sequence (nats/token) of blocks [B, seq_len + 1]."""
+        raise NotImplementedError
+
+    def sequence_losses(self, model: Transformer, blocks: torch.Tensor, mc: MonteCarlo,
+                        indices: list[int] | None = None) -> torch.Tensor:
+        """Held-out loss (nats/token, float64) of each sequence in `indices` (default all)."""
+        raise NotImplementedError
+
+    def continuation_nll(self, model: Transformer, context: torch.Tensor, target: torch.Tensor,
+                         mc: MonteCarlo) -> float:
+        """−log p(target | context) in nats (for an MDM, an upper bound)."""
+        raise NotImplementedError
+
+    def sample(self, model: Transformer, prompt: torch.Tensor, **options) -> Sample:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.name.upper()
+
+
+class ARM(Family):
+    name, causal, mask_token, bound = "arm", True, False, "cross-entropy"
+
+    def loss(self, model, block, noise=None):
+        logits = model(block[:, :-1])
+        ce = F.cross_entropy(logits.float().transpose(1, 2), block[:, 1:], reduction="none")
+        return ce.mean(dim=1)
+
+    @torch.no_grad()
+    def sequence_losses(self, model, blocks, mc, indices=None):
+        indices = list(range(len(blocks))) if indices is None else indices
+        with _eval_mode(model):
+            values = [self.loss(model, blocks[indices[s:s + mc.batch_size]]).double().cpu()
+                      for s in range(0, len(indices), mc.batch_size)]
+        return torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+
+    def continuation_nll(self, model, context, target, mc):
+        if mc.cfg:
+            raise SamplingError("cfg needs an MDM: the guidance masks the prompt, and an ARM has no mask token")
+        if len(context) == 0:
+            raise SamplingError("an ARM scores a continuation given at least one context token (e.g. EOS)")
+        x = torch.cat([context, target])[None]
+        logp = F.log_softmax(model(x[:, :-1]).double(), dim=-1)[0, len(context) - 1:]
+        return -logp.gather(-1, target[:, None]).sum().item()
+
+    def sample(self, model, prompt, *, length, temperature=1.0, seed=0):
+        return arm_sample(model, prompt, ArmSampling(length, temperature, seed))
+
+
+class MDM(Family):
+    name, causal, mask_token, bound = "mdm", False, True, "diffusion upper bound on the NLL (negative ELBO)"
+    sample_options = (*Family.sample_options, "steps", "sampler", "cfg")
+    score_options = ("samples", "cfg")
+
+    def training_noise(self, cfg, step, shard, micro):
+        # one stratified set of times for the global batch, so every rank draws it and takes its slice
+        times = diffusion_times(cfg.batch_size, generator(cfg.seed, step, 0), cfg.t_sampling == "stratified")
+        u = torch.rand(micro, cfg.seq_len, generator=generator(cfg.seed, step, 1, shard))
+        return masking(times[shard * micro:(shard + 1) * micro], u, cfg.mdm_eps)
+
+    def loss(self, model, block, noise):
+        """SMDM's bound per sequence: Σ_masked CE / p over all L tokens; its expectation upper-bounds the NLL."""
+        x = block[:, 1:]
+        return masked_ce_over_p(model, x, noise) / x.shape[1]
+
+    @torch.no_grad()
+    def sequence_losses(self, model, blocks, mc, indices=None):
+        """The bound averaged over mc.samples draws; sequence i's draws are seeded by (seed, i), so a checkpoint
+        evaluates to the same number however the sequences are split across ranks or batches."""
+        indices = list(range(len(blocks))) if indices is None else indices
+        noise = {i: draws(mc, blocks.shape[1] - 1, i, device=blocks.device) for i in indices}
+        rows = [(n, i, k) for n, i in enumerate(indices) for k in range(mc.samples)]
+        totals = torch.zeros(len(indices), dtype=torch.float64)
+        with _eval_mode(model):
+            for start in range(0, len(rows), mc.batch_size):
+                chunk = rows[start:start + mc.batch_size]
+                batch = Masking(torch.stack([noise[i].masked[k] for _, i, k in chunk]),
+                                torch.stack([noise[i].p[k] for _, i, k in chunk]))
+                values = self.loss(model, blocks[[i for _, i, _ in chunk]], batch).double().cpu()
+                totals.index_add_(0, torch.tensor([n for n, _, _ in chunk]), values)
+        return totals / mc.samples
+
+    def continuation_nll(self, model, context, target, mc):
+        """The bound with only the continuation noised; draws depend on (seed, len(target)) alone, so
+        choices of equal length are compared on the same masks."""
+        if mc.samples <= 0:
+            raise SamplingError(f"samples must be positive, got {mc.samples}")
+        noise = draws(mc, len(target), len(target), device=target.device)
+        total = 0.0
+        for s in range(0, mc.samples, mc.batch_size):
+            rows = Masking(noise.masked[s:s + mc.batch_size], noise.p[s:s + mc.batch_size])
+            batch = target.expand(len(rows.p), -1)
+            total += masked_ce_over_p(model, batch, rows, context, mc.cfg).double().sum().item()
+        return total / mc.samples
+
+    def sample(self, model, prompt, *, length, temperature=1.0, seed=0, steps=None, sampler=None, cfg=None):
+        return mdm_sample(model, prompt, MdmSampling(length, steps, sampler or "reverse", temperature, cfg or 0.0, seed))
+
+
+def masked_ce_over_p(model: Transformer, x: torch.Tensor, noise: Masking, context: torch.Tensor | None = None,
+                     cfg: float = 0.0) -> torch.Tensor:
+    """Σ over the masked tokens of row i of CE / p_i, per row [B]; x [B, L] are the clean tokens.
+
+    Only masked positions go through the output head (the largest layer of a small model). A context
+    [P] is prepended unmasked to every row (scoring a continuation), with optional unsupervised CFG.
+    """
+    masked = noise.masked
+    inputs = torch.where(masked, model.mask_token_id, x)
+    if context is not None and len(context):
+        inputs = torch.cat([context.expand(len(x), -1), inputs], dim=1)
+        masked = torch.cat([torch.zeros_like(inputs[:, :len(context)], dtype=torch.bool), masked], dim=1)
+    logits = guided_logits(model, inputs, inputs.shape[1] - x.shape[1], cfg, only=masked)  # [M, V]
+    ce = F.cross_entropy(logits.float(), x[noise.masked], reduction="none")
+    ce = torch.zeros(x.shape, dtype=ce.dtype, device=ce.device).masked_scatter(noise.masked, ce)  # [B, L]
+    return (ce / noise.p.unsqueeze(1)).sum(dim=1)
+
+
+class _eval_mode:
+    """Evaluate in eval mode and restore the model's mode afterwards."""
+
+    def __init__(self, model):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (ARM(), MDM())}
+
+
+def family_of(model: Transformer) -> Family:
+    """The family a model was built for: its attention mask tells."""
+    return FAMILIES["arm" if model.config.causal else "mdm"]
+
+
+def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
+    stderr = values.std().item() / len(values) ** 0.5 if len(values) > 1 else math.nan
+    return values.mean().item(), stderr

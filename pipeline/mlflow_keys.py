@@ -1,0 +1,28 @@
+"""How a grid point appears in MLflow: the names the sweep writes and the analysis reads, and the default store.
+
+Imports nothing of the project (nor MLflow), so the analysis package can share it without pulling in training.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+
+HASH_TAG = "isoflop.run_hash"          # on every grid point's run; the sweep's parent run has none
+SWEEP_TAG = "isoflop.sweep"            # on the sweep's parent run
+REASON_TAG = "isoflop.failure_reason"
+RESUMED_TAG = "isoflop.resumed"
+PARENT_TAG = "mlflow.parentRunId"
+
+FINISHED = "FINISHED"                  # MLflow's run statuses
+FAILED = "FAILED"
+
+
+def resolve_uri(uri: str | None = None, default: str = DEFAULT_TRACKING_URI) -> str:
+    """The flag, else $MLFLOW_TRACKING_URI, else `default` (a sweep file's value); sqlite paths made absolute,
+    so the sweep's Ray workers and a later `isoflop analyze` from another folder open the same file."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri

@@ -1,0 +1,158 @@
+"""A finished run's folder: its fp32 weights (`model.pt`) and its description (`result.json`).
+
+Training writes the description last and atomically, so its presence means the run is complete; the
+sweep logs both files to the run's MLflow artifacts. Everything that asks "is this run finished?" or
+loads a trained model (sampling, scoring, benchmarks) goes through here, from a folder or an MLflow run.
+DeepSpeed's own resumable checkpoints are another thing: they live in `checkpoints/` beside these
+files while the run trains, and go once the weights are written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import RunSpec
+from pipeline.data import DatasetInfo, load_tokenizer
+from pipeline.errors import RunFolderError
+from pipeline.family import FAMILIES, Family
+from pipeline.mlflow_keys import resolve_uri
+from pipeline.model import Transformer
+from pipeline.shapes import resolve_shape
+from pipeline.tokenizer import Tokenizer
+
+WEIGHTS, DESCRIPTION = "model.pt", "result.json"
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def files(self) -> list[Path]:
+        """What a finished run's MLflow artifacts hold."""
+        return [self.path / WEIGHTS, self.path / DESCRIPTION]
+
+    def is_finished(self, run_hash: str | None = None) -> bool:
+        """Whether the folder holds a finished run (the run `run_hash`, when given)."""
+        if not (self.path / DESCRIPTION).is_file():
+            return False
+        return run_hash is None or self.result()["run_hash"] == run_hash
+
+    def write(self, state: dict[str, torch.Tensor], spec: RunSpec, data: DatasetInfo, result) -> None:
+        """fp32 weights, loadable without DeepSpeed, then the description (`result`: a TrainResult)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.float().cpu() for k, v in state.items()}, self.path / WEIGHTS)
+        description = {"spec": spec.identity(), "run_name": spec.run_name, "data": str(data.path),
+                       "vocab_size": data.vocab_size, "result": asdict(result)}
+        tmp = self.path / f"{DESCRIPTION}.tmp"
+        tmp.write_text(json.dumps(description, indent=2))
+        os.replace(tmp, self.path / DESCRIPTION)  # last: its presence means the run is complete
+
+    def description(self) -> dict:
+        try:
+            return json.loads((self.path / DESCRIPTION).read_text())
+        except (OSError, ValueError) as err:
+            raise RunFolderError(f"checkpoint: {self.path / DESCRIPTION}: unreadable ({type(err).__name__}: {err})") from None
+
+    def result(self) -> dict:
+        """The TrainResult fields of a finished run (val_loss, steps, seconds, ...)."""
+        return self.description()["result"]
+
+    def load(self, device: str | torch.device = "cpu", source: str | None = None) -> TrainedModel:
+        if not self.path.is_dir():
+            raise RunFolderError(f"checkpoint: {self.path}: no such folder")
+        missing = [f.name for f in self.files if not f.is_file()]
+        if missing:
+            raise RunFolderError(f"checkpoint: {self.path} has no {' or '.join(missing)} (not a finished run's "
+                                 "folder: training writes result.json last)")
+        description = self.description()
+        try:
+            spec = description["spec"]
+            family = FAMILIES[spec["family"]]
+            config = family.model_config(resolve_shape(spec["shape"]), int(description["vocab_size"]),
+                                         int(spec["train"]["seq_len"]))
+        except (ValueError, KeyError, TypeError) as err:
+            raise RunFolderError(f"checkpoint: {self.path / DESCRIPTION}: unreadable ({type(err).__name__}: {err})") from None
+        model = Transformer(config)
+        try:
+            model.load_state_dict(torch.load(self.path / WEIGHTS, map_location="cpu", weights_only=True))
+        except (RuntimeError, OSError, EOFError) as err:
+            raise RunFolderError(f"checkpoint: {self.path / WEIGHTS} does not fit {DESCRIPTION}'s model: "
+                                 f"{str(err).splitlines()[0]}") from None
+        return TrainedModel(model.to(device).eval(), family, Path(description["data"]), description,
+                            source or str(self.path))
+
+
+@dataclass
+class TrainedModel:
+    model: Transformer     # in eval mode, on the requested device
+    family: Family
+    data: Path             # the data folder it trained on (its tokenizer)
+    description: dict      # result.json: spec, run_name, data, vocab_size, result
+    source: str            # the folder or MLflow run it came from, for messages
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokenizer(self, data_dir: str | Path | None = None) -> Tokenizer:
+        """The tokenizer of data_dir, by default of the data folder the run trained on."""
+        if data_dir is None and not (self.data / "meta.json").is_file():
+            raise RunFolderError(f"{self.source} trained on {self.data}, which is not here; pass --data DIR "
+                                 "(a data folder with the same tokenizer)")
+        return load_tokenizer(data_dir or self.data)
+
+
+def load_from_mlflow(run_id: str, tracking_uri: str, device: str | torch.device = "cpu") -> TrainedModel:
+    """Download a run's weights and description (logged at the root of its artifacts) and load them."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise RunFolderError(f"--tracking-uri: no MLflow database at {tracking_uri.removeprefix('sqlite:///')}")
+    client = MlflowClient(tracking_uri)
+    try:
+        client.get_run(run_id)
+        present = {f.path for f in client.list_artifacts(run_id)}
+    except MlflowException as err:
+        raise RunFolderError(f"--run {run_id}: not found in {tracking_uri} ({err.message.splitlines()[0]})") from None
+    missing = [name for name in (WEIGHTS, DESCRIPTION) if name not in present]
+    if missing:
+        raise RunFolderError(f"--run {run_id}: no checkpoint (artifacts lack {', '.join(missing)}; "
+                             "the run is unfinished, failed, or not a grid point)")
+    with tempfile.TemporaryDirectory(prefix="isoflop-run-") as tmp, _no_progress_bars():
+        for name in (WEIGHTS, DESCRIPTION):
+            client.download_artifacts(run_id, name, tmp)
+        return RunFolder(tmp).load(device, source=f"run {run_id}")
+
+
+def load_trained(*, folder: str | Path | None = None, run: str | None = None, tracking_uri: str | None = None,
+                 device: str | torch.device | None = None) -> TrainedModel:
+    """A run folder or an MLflow run id (tracking URI: the flag, $MLFLOW_TRACKING_URI, the default store)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if (folder is None) == (run is None):
+        raise RunFolderError("give exactly one of --checkpoint DIR or --run RUN_ID")
+    if folder is not None:
+        return RunFolder(folder).load(device)
+    return load_from_mlflow(run, resolve_uri(tracking_uri), device)
+
+
+@contextmanager
+def _no_progress_bars():
+    """Two small files: a download progress bar each is noise."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
