@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.errors import BudgetError, ConfigError, did_you_mean
 from pipeline.flops import BudgetPlan, FlopsConvention, plan_budget
+from pipeline.mlflow_keys import DEFAULT_TRACKING_URI
 from pipeline.shapes import Shape, resolve_shape
 
 Family = Literal["arm", "mdm"]
@@ -219,7 +220,7 @@ class SweepConfig(BaseModel):
     seeds: list[int] = [0]
     train: TrainConfig = TrainConfig()
     resources: Resources = Resources()
-    tracking_uri: str = "sqlite:///mlruns.db"
+    tracking_uri: str = DEFAULT_TRACKING_URI
     storage: str = Field("ray_results", description="a folder every node can reach (local disk on one machine, "
                                                    "a shared filesystem on a cluster): checkpoints, models, Tune state")
 

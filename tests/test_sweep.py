@@ -5,18 +5,18 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from conftest import write_word_jsonl
 from mlflow.tracking import MlflowClient
 
 from pipeline.distributed import free_port
-from pipeline.grid import SweepError, expand_grid, load_sweep
-from pipeline.sweep import plan_sweep
+from pipeline.errors import SweepError, TrackingError
+from pipeline.grid import expand_grid, load_sweep
 
 TRAIN = {"seq_len": 32, "batch_size": 8, "lr": 3e-3, "warmup_min_steps": 2, "min_steps": 10, "zero_stage": 0,
          "checkpoint_every": 10, "log_every": 5, "eval_samples": 2, "val_blocks": 4}
@@ -106,7 +106,7 @@ def mlflow_server(tmp_path):
          "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        from pipeline.tracking import TrackingError, check_server
+        from pipeline.tracking import check_server
 
         for _ in range(120):
             try:
@@ -175,6 +175,18 @@ def test_sigkilled_driver_loses_nothing_on_rerun(tmp_path):
     assert resumed, "the interrupted point should continue from its checkpoint, not step 0"
 
 
+def train_workers_of(driver_pid: int) -> list[psutil.Process]:
+    """The Ray Train workers this driver started (its local Ray is its child), never another sweep's on the machine."""
+    found = []
+    for process in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 @pytest.mark.slow
 def test_killed_worker_is_restarted_from_its_checkpoint(tmp_path):
     """A two-rank ZeRO-2 point under Ray Train: SIGKILL one rank mid-run; Train's FailureConfig restarts the group."""
@@ -187,9 +199,9 @@ def test_killed_worker_is_restarted_from_its_checkpoint(tmp_path):
     deadline = time.time() + 600
     while time.time() < deadline and driver.poll() is None and not killed:
         if list((tmp_path / "ray").glob("runs/*/checkpoints/latest")):
-            workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+            workers = train_workers_of(driver.pid)
             if workers:
-                os.kill(int(workers[-1]), signal.SIGKILL)
+                workers[-1].send_signal(signal.SIGKILL)
                 killed = True
         time.sleep(0.5)
     output, _ = driver.communicate(timeout=600)

@@ -1,0 +1,37 @@
+"""The `isoflop` command's contract for errors: a user's mistake is one line and exit code 2; a bug keeps its traceback."""
+import pytest
+
+import pipeline.cli as cli
+from pipeline.errors import DataError, IsoflopError, RunsError
+
+
+def test_user_errors_are_one_line_and_exit_2(monkeypatch, capsys):
+    def bad_input(args):
+        raise DataError("data: /nowhere: no such folder")
+
+    monkeypatch.setattr(cli, "cmd_models", bad_input)
+    assert cli.main(["models"]) == 2
+    assert capsys.readouterr().err == "isoflop models: error: data: /nowhere: no such folder\n"
+
+
+def test_a_bug_is_not_disguised_as_a_user_error(monkeypatch):
+    def bug(args):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(cli, "cmd_models", bug)
+    with pytest.raises(ValueError, match="internal invariant"):
+        cli.main(["models"])
+
+
+def test_every_user_facing_error_is_one_family():
+    import pipeline.errors as errors
+
+    families = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception)]
+    assert len(families) >= 9 and all(issubclass(e, IsoflopError) for e in families)
+    assert issubclass(RunsError, ValueError)  # pydantic validators report these as field errors
+
+
+def test_an_unknown_shape_names_the_value_and_a_near_miss(capsys):
+    assert cli.main(["train", "--family", "mdm", "--model", "cpu-26K", "--flops", "1e12", "--data", "/x", "--out", "/y"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown shape 'cpu-26K'" in err and "did you mean 'cpu-26k'" in err
