@@ -8,12 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import replace
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import BudgetError, ConfigError, did_you_mean
+from pipeline.errors import BudgetError, ConfigError, DataError, did_you_mean
 from pipeline.flops import BudgetPlan, FlopsConvention, plan_budget
 from pipeline.mlflow_keys import DEFAULT_TRACKING_URI
 from pipeline.shapes import Shape, resolve_shape
@@ -45,6 +46,11 @@ class TrainConfig(BaseModel):
     mdm_eps: float = Field(1e-3, gt=0, lt=1)
     t_sampling: Literal["stratified", "iid"] = "stratified"
     eval_samples: int = Field(128, gt=0, description="Monte Carlo draws per sequence for the MDM bound")
+    mdm_eval: Literal["time", "count"] = Field(
+        "time", description="how the MDM's validation bound is estimated: a mask probability from a time t per draw "
+                            "(SMDM), or exactly l masked tokens per draw with l stratified over 1..L (LLaDA)")
+    max_epochs: float = Field(1.0, gt=0, description="passes over the training split a run may make; a point "
+                                                     "needing more is refused before it trains")
     val_blocks: int = Field(64, gt=0, description="held-out sequences in the validation set")
     eval_batch_size: int = Field(16, gt=0)
     checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints; 0 = only at the end")
@@ -100,6 +106,10 @@ def _known_keys(schema: type[BaseModel], path: tuple) -> list[str]:
     return list(schema.model_fields)
 
 
+NOT_IDENTITY = {"log_every", "checkpoint_every", "max_epochs"}
+ADDED_KEYS = {"mdm_eval": "time"}  # key: the behaviour runs had before the key existed
+
+
 class RunSpec(BaseModel):
     """Everything that determines a training run's result; its hash names the run everywhere."""
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
@@ -122,8 +132,11 @@ class RunSpec(BaseModel):
         return self
 
     def identity(self) -> dict:
-        """The resolved config that defines the run (logging cadence is left out: it changes no result)."""
-        train = self.train.model_dump(exclude={"log_every", "checkpoint_every"})
+        """The resolved config that defines the run. Left out: what changes no result (logging cadence, the
+        epoch guard), and recipe keys added after runs were finished while they keep the behaviour those
+        runs had, so that finished runs keep their hashes."""
+        train = {key: value for key, value in self.train.model_dump(exclude=NOT_IDENTITY).items()
+                 if key not in ADDED_KEYS or ADDED_KEYS[key] != value}
         return {"family": self.family, "shape": self.shape.as_dict(), "budget": self.budget,
                 "train": train, "data_fingerprint": self.data_fingerprint}
 
@@ -133,8 +146,9 @@ class RunSpec(BaseModel):
         return {"family": self.family, "shape": shape, "budget": self.budget, "train": self.train.model_dump(),
                 "data_fingerprint": self.data_fingerprint}
 
-    def plan(self, vocab_size: int) -> BudgetPlan:
-        """Tokens and steps of this run; BudgetError when its budget cannot be trained as asked."""
+    def plan(self, vocab_size: int, train_blocks: int | None = None) -> BudgetPlan:
+        """Tokens, steps and (given the corpus's training blocks) epochs of this run; BudgetError when its
+        budget cannot be trained as asked, DataError when it would repeat data beyond train.max_epochs."""
         cfg = self.train
         plan = plan_budget(self.budget, self.shape, vocab_size=vocab_size, seq_len=cfg.seq_len,
                            batch_size=cfg.batch_size, convention=cfg.flops_convention, min_steps=cfg.min_steps)
@@ -143,7 +157,15 @@ class RunSpec(BaseModel):
             raise BudgetError(f"budget: {self.budget:.3g} FLOPs gives {plan.steps} steps for model {self.shape.label}, "
                               f"which do not outlast the warmup of {warmup} (train.warmup_min_steps="
                               f"{cfg.warmup_min_steps}, train.warmup_fraction={cfg.warmup_fraction})")
-        return plan
+        if train_blocks is None:
+            return plan
+        epochs = plan.steps * cfg.batch_size / max(train_blocks, 1)
+        if epochs > cfg.max_epochs:
+            raise DataError(f"train.max_epochs: {self.family} {self.shape.label} at {self.budget:.3g} FLOPs trains on "
+                            f"{plan.steps * cfg.batch_size:,} sequences, {epochs:.3g} epochs of the corpus's "
+                            f"{train_blocks:,}, above train.max_epochs={cfg.max_epochs:g} (use a larger corpus, or "
+                            "raise max_epochs to repeat data on purpose)")
+        return replace(plan, epochs=epochs)
 
     @property
     def run_hash(self) -> str:

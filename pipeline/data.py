@@ -46,6 +46,10 @@ class DatasetInfo:
     entropy_rate_nats: float | None   # the synthetic corpus's exact entropy rate; None for real text
     bytes_per_token: float | None     # UTF-8 bytes per token of the val split (for bits/byte); None if synthetic
 
+    def train_blocks(self, seq_len: int) -> int:
+        """Training blocks of seq_len + 1 tokens: how many sequences one epoch holds."""
+        return self.tokens["train"] // (seq_len + 1)
+
 
 # --------------------------------------------------------------------------------------------- reading
 
@@ -57,7 +61,7 @@ class TokenDataset:
         self._split = {s: np.memmap(info.path / f"{s}.bin", dtype=dtype, mode="r") for s in SPLITS}
 
     def num_train_blocks(self, seq_len: int) -> int:
-        return len(self._split["train"]) // (seq_len + 1)
+        return self.info.train_blocks(seq_len)
 
     def train_batch(self, *, step: int, rank: int, world_size: int, batch_size: int, seq_len: int,
                     seed: int) -> torch.LongTensor:

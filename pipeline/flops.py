@@ -37,6 +37,7 @@ class BudgetPlan:
     flops_per_token: float
     tokens_per_step: int
     steps: int
+    epochs: float | None = None   # passes over the training split, where the corpus is known
 
     @property
     def tokens(self) -> int:

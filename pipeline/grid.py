@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from pipeline.config import RunSpec, SweepConfig, format_validation_error
-from pipeline.errors import BudgetError, SweepError
+from pipeline.errors import BudgetError, DataError, SweepError
 from pipeline.flops import BudgetPlan
 from pipeline.shapes import CPU_SHAPES, PAPER_SHAPES, Shape, resolve_shape
 
@@ -53,9 +53,12 @@ def sizes_for_budget(budget: float, family: str, sweep: SweepConfig) -> list[Sha
     return sorted(chosen, key=Shape.non_embedding_params)
 
 
-def expand_grid(sweep: SweepConfig, vocab_size: int, data_fingerprint: str = "") -> tuple[list[GridPoint], list[str]]:
-    """(points to run, reasons for points dropped). Duplicate points are an error, not a silent merge."""
-    points, dropped, seen = [], [], {}
+def expand_grid(sweep: SweepConfig, vocab_size: int, data_fingerprint: str = "",
+                train_blocks: int | None = None) -> tuple[list[GridPoint], list[str]]:
+    """(points to run, reasons for points dropped). A budget too small for its model drops the point;
+    duplicate points, and points that would repeat data beyond train.max_epochs (given the corpus's
+    `train_blocks`), are errors, all listed at once."""
+    points, dropped, refused, seen = [], [], [], {}
     train = sweep.train.with_overrides({"flops_convention": sweep.flops_convention})
     for budget in sweep.budgets:
         for family in sweep.families:
@@ -69,18 +72,23 @@ def expand_grid(sweep: SweepConfig, vocab_size: int, data_fingerprint: str = "")
                                          f"model={shape.label}, seed={seed}) appears twice")
                     seen[spec.run_hash] = spec
                     try:
-                        points.append(GridPoint(spec, spec.plan(vocab_size)))
+                        points.append(GridPoint(spec, spec.plan(vocab_size, train_blocks)))
                     except BudgetError as err:
                         dropped.append(f"{family} {shape.label} at {budget:.3g}: {err}")
+                    except DataError as err:
+                        refused.append(str(err))
+    if refused:
+        raise SweepError("\n".join(refused))
     return points, dropped
 
 
 def format_grid(points: list[GridPoint]) -> str:
-    header = f"{'family':<7}{'budget':>10}  {'model':<14}{'N':>15}{'D (tokens)':>18}{'steps':>9}{'D/N':>8}"
+    header = f"{'family':<7}{'budget':>10}  {'model':<14}{'N':>15}{'D (tokens)':>18}{'steps':>9}{'D/N':>8}{'epochs':>8}"
     lines = [header, "-" * len(header)]
     for p in points:
         s = p.spec
         n = s.shape.non_embedding_params()
+        epochs = "?" if p.plan.epochs is None else f"{p.plan.epochs:.3f}"  # unknown until the data exists
         lines.append(f"{s.family:<7}{s.budget:>10.3g}  {s.shape.label:<14}{n:>15,}{p.plan.tokens:>18,}"
-                     f"{p.plan.steps:>9}{p.plan.tokens / n:>8.1f}")
+                     f"{p.plan.steps:>9}{p.plan.tokens / n:>8.1f}{epochs:>8}")
     return "\n".join(lines)

@@ -64,21 +64,21 @@ def plan_sweep(path: str | Path, tracking_uri: str | None = None, *, dry_run: bo
     sweep = load_sweep(path)
     errors: list[str] = []
     data_dir = Path(sweep.data.path)
-    vocab, fingerprint = sweep.data.vocab_size, ""
+    vocab, fingerprint, train_blocks = sweep.data.vocab_size, "", None
     if not (data_dir / "meta.json").exists() and sweep.data.synthetic:  # seconds; the grid needs its vocab
         synthetic(data_dir, tokens=sweep.data.synthetic.tokens, seed=sweep.data.synthetic.seed)
     try:
         info = load_dataset(data_dir).info
         if vocab is not None and vocab != info.vocab_size:
             errors.append(f"data.vocab_size: {vocab} given, but {data_dir} has vocab {info.vocab_size}")
-        vocab, fingerprint = info.vocab_size, info.fingerprint
+        vocab, fingerprint, train_blocks = info.vocab_size, info.fingerprint, info.train_blocks(sweep.train.seq_len)
     except DataError as err:
         if not (dry_run and vocab):
             errors.append(str(err) + ("" if sweep.data.synthetic else " (prepare it with `isoflop data`)"))
     points, dropped = [], []
     if vocab:
         try:
-            points, dropped = expand_grid(sweep, vocab, fingerprint)
+            points, dropped = expand_grid(sweep, vocab, fingerprint, train_blocks)
             if not points:
                 errors.append("grid: every point was dropped:\n  " + "\n  ".join(dropped))
         except SweepError as err:
@@ -249,7 +249,8 @@ def train_point(spec: RunSpec, context: SweepContext) -> dict:
     if rank == 0:
         logger = tracking.RunLogger(context.tracking_uri, context.experiment_id, spec, context.parent_run_id)
         info = load_dataset(context.data_dir).info
-        logger.log_params(tracking.run_params(spec, spec.plan(info.vocab_size), world, info),
+        logger.log_params(tracking.run_params(spec, spec.plan(info.vocab_size, info.train_blocks(spec.train.seq_len)),
+                                              world, info),
                           {"run": spec.to_dict(), "sweep": context.name})
     try:
         result = train(spec, context.data_dir, folder.path, reporter=MlflowReporter(logger))

@@ -89,11 +89,10 @@ def check_run(spec: RunSpec, data_dir: str | Path, world_size: int = 1) -> tuple
         raise DataError(f"data: {data_dir} has fingerprint {data.info.fingerprint}, the run expects {spec.data_fingerprint}")
     cfg = spec.train
     batch_layout(cfg, world_size)
-    plan = spec.plan(data.info.vocab_size)
     data.val_blocks(seq_len=cfg.seq_len, max_blocks=1)  # raises if the val split is too short
     if data.num_train_blocks(cfg.seq_len) < 1:
         raise DataError(f"data: {data_dir} has no training block of seq_len+1={cfg.seq_len + 1} tokens")
-    return data, plan
+    return data, spec.plan(data.info.vocab_size, data.num_train_blocks(cfg.seq_len))
 
 
 def deepspeed_config(cfg: TrainConfig, micro: int, accumulation: int, bf16: bool) -> dict:
@@ -304,7 +303,7 @@ def _real_flops_per_token(run: Run) -> float:
 def _announce(run: Run, start: int) -> None:
     spec, plan, cfg = run.spec, run.plan, run.spec.train
     print(f"[{spec.run_name}] {spec.family} N={spec.shape.non_embedding_params():,} D={plan.tokens:,} tokens "
-          f"C={plan.flops:.3g} steps={plan.steps} world={run.world} zero={cfg.zero_stage}"
+          f"C={plan.flops:.3g} steps={plan.steps} epochs={plan.epochs:.3g} world={run.world} zero={cfg.zero_stage}"
           + (f" resuming at step {start}" if start else ""), flush=True)
 
 

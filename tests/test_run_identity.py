@@ -23,7 +23,14 @@ def test_run_hash_is_pinned(spec, run_hash):
     assert spec.run_name.endswith(run_hash)
 
 
-def test_logging_cadence_is_not_identity():
+def test_logging_cadence_and_the_epoch_guard_are_not_identity():
     spec = RunSpec(family="arm", shape="cpu-16k", budget=1e11, train=DEMO_RECIPE)
-    chatty = spec.model_copy(update={"train": DEMO_RECIPE.with_overrides({"log_every": 1, "checkpoint_every": 7})})
+    chatty = spec.model_copy(update={"train": DEMO_RECIPE.with_overrides({"log_every": 1, "checkpoint_every": 7,
+                                                                          "max_epochs": 3.0})})
     assert chatty.run_hash == spec.run_hash
+
+
+def test_a_new_recipe_key_changes_the_hash_only_when_it_changes_behaviour():
+    spec = RunSpec(family="mdm", shape="cpu-16k", budget=1e11, train=DEMO_RECIPE)
+    assert spec.model_copy(update={"train": DEMO_RECIPE.with_overrides({"mdm_eval": "time"})}).run_hash == spec.run_hash
+    assert spec.model_copy(update={"train": DEMO_RECIPE.with_overrides({"mdm_eval": "count"})}).run_hash != spec.run_hash

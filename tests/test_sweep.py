@@ -65,12 +65,28 @@ def test_dry_run_prints_grid_and_drops_short_points(tmp_path):
     assert proc.stdout.count("cpu-51k") >= 2 and "4 runs" in proc.stdout
 
 
+def test_points_that_would_repeat_data_are_refused_before_anything_runs(tmp_path):
+    """200k corpus tokens: cpu-26k at 1e11 FLOPs needs ~640k, over three epochs; said with field and value."""
+    path = write_sweep(tmp_path, budgets=[4e9, 1e11])
+    proc = isoflop("sweep", str(path), timeout=120)
+    assert proc.returncode == 2 and not (tmp_path / "ray").exists()  # nothing launched
+    refused = [line for line in proc.stderr.splitlines() if "train.max_epochs" in line]
+    assert len(refused) == 4 and all("above train.max_epochs=1" in line for line in refused), proc.stderr
+    assert any("mdm cpu-26k at 1e+11 FLOPs" in line for line in refused)
+    allowed = write_sweep(tmp_path, name="again", budgets=[4e9, 1e11], train={**TRAIN, "max_epochs": 20})
+    proc = isoflop("sweep", str(allowed), "--dry-run", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    epochs = [float(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith(("mdm", "arm"))]
+    assert len(epochs) == 8 and max(epochs) > 1 and min(epochs) < 0.5
+
+
 def test_paper_sweep_dry_run():
     proc = isoflop("sweep", "sweeps/smdm_paper.yaml", "--dry-run", timeout=120, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr
     for budget in ("6e+18", "1e+19", "3e+19", "6e+19", "1e+20"):
         assert budget in proc.stdout
     assert "smdm-" in proc.stdout and "70 runs" in proc.stdout
+    assert "epochs" in proc.stdout  # unknown ("?") until the corpus is prepared
 
 
 def test_bad_sweep_file_reports_every_problem_at_once(tmp_path):

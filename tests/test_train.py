@@ -106,6 +106,7 @@ def test_train_command_ranks_and_zero_stages(request, tmp_path, workers, zero, d
     (["--model", "cpu-3k"], "unknown shape 'cpu-3k'"),
     (["--model", "{n_layer: 1, n_head: 3, d_model: 32}"], "n_head=3 does not divide d_model=32"),
     (["--flops", "1e3"], "below train.min_steps"),
+    (["--flops", "1e12"], "epochs of the corpus's 9,090, above train.max_epochs=1"),
     (["--flops", "lots"], "--flops: expected a number"),
     (["--set", "lr=-1"], "train.lr"),
     (["--set", "batch_size=7", "--workers", "2"], "train.batch_size: 7 is not a multiple"),
