@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import replace
@@ -41,23 +42,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="losses at which to report the compute gap (default: middle of the shared range)")
     parser.add_argument("--entropy-rate", type=float, default=None, metavar="NATS",
                         help="known entropy rate of the corpus (nats/token), compared with the fitted E")
+    parser.add_argument("--floor", default=None, metavar="VALUE|entropy",
+                        help="fix E of the Chinchilla law to VALUE (nats/token), or to the corpus entropy rate "
+                             "(--entropy-rate or the table's entropy_rate_nats), instead of fitting it")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
         table, source, notes = _load(args)
+        settings = _from_table(settings, table, notes)
     except RunsError as err:
         print(f"isoflop analyze: error: {err}", file=sys.stderr)
         return 2
     for note in notes:
         print(f"note: {note}")
-    if settings.entropy_rate is None and "entropy_rate_nats" in table.columns:
-        rates = table["entropy_rate_nats"].dropna().unique()
-        if len(rates) == 1:
-            settings = replace(settings, entropy_rate=float(rates[0]))
-        elif len(rates) > 1:
-            notes.append(f"entropy_rate_nats takes {len(rates)} different values in the table; not used")
 
     start = time.perf_counter()
     study = analyze(table, settings)
@@ -101,9 +100,51 @@ def _settings(args: argparse.Namespace) -> Settings:
             raise RunsError(f"--gap-at expects comma-separated losses such as 2.5,3.0, got {args.gap_at!r}") from None
         if any(not v > 0 for v in gap_at):
             raise RunsError(f"--gap-at losses must be positive, got {args.gap_at!r}")
+    floor, floor_source = _parse_floor(args.floor)
     return Settings(reference=args.reference.strip().lower(), bootstrap=args.bootstrap, seed=args.seed,
                     budget_tolerance=args.budget_tolerance, huber_delta=args.huber_delta, gap_at=gap_at,
-                    entropy_rate=args.entropy_rate, holdout_largest=args.holdout_largest)
+                    entropy_rate=args.entropy_rate, holdout_largest=args.holdout_largest, floor=floor,
+                    floor_source=floor_source)
+
+
+def _parse_floor(text: str | None) -> tuple[float | None, str | None]:
+    """--floor VALUE|entropy -> (value, source); 'entropy' is resolved once the table is read."""
+    if text is None:
+        return None, None
+    if text.strip().lower() == "entropy":
+        return None, "entropy"
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise RunsError(f"--floor expects a loss >= 0 in nats/token or 'entropy', got {text!r}")
+    return value, f"--floor {text.strip()}"
+
+
+def _from_table(settings: Settings, table: pd.DataFrame, notes: list[str]) -> Settings:
+    """Settings that depend on the runs: the entropy rate the table carries, and the floor checked against
+    the losses (every loss is E plus positive terms, so E cannot exceed the lowest; docs/method.md §6)."""
+    if settings.entropy_rate is None and "entropy_rate_nats" in table.columns:
+        rates = pd.to_numeric(table["entropy_rate_nats"], errors="coerce").dropna().unique()
+        if len(rates) == 1:
+            settings = replace(settings, entropy_rate=float(rates[0]))
+        elif len(rates) > 1:
+            notes.append(f"entropy_rate_nats takes {len(rates)} different values in the table; not used")
+    flag = settings.floor_source
+    if flag == "entropy":
+        if settings.entropy_rate is None:
+            raise RunsError("--floor entropy needs the corpus entropy rate: pass --entropy-rate NATS or a runs table "
+                            "with one entropy_rate_nats value")
+        flag = f"--floor entropy ({settings.entropy_rate:.4g} nats/token)"
+        settings = replace(settings, floor=settings.entropy_rate,
+                           floor_source=f"--floor entropy: the corpus entropy rate {settings.entropy_rate:.4g}")
+    if settings.floor is not None:
+        lowest = table.loc[table["loss"].idxmin()]
+        if settings.floor > lowest["loss"]:
+            raise RunsError(f"{flag} is above the lowest observed loss {lowest['loss']:.4g} ({lowest['family']}): "
+                            "E cannot exceed a loss")
+    return settings
 
 
 def _load(args: argparse.Namespace) -> tuple[pd.DataFrame, dict, list[str]]:

@@ -25,6 +25,7 @@ class Frontier:
     gamma: float
     budget_range: tuple[float, float]  # the budgets the family sampled: outside them is extrapolation
     draws: np.ndarray  # (R, 3) bootstrap draws of (E, K, gamma)
+    degenerate: tuple[str, ...] = ()  # reasons its fit cannot be trusted: then it is kept out of compute gaps
 
     def loss(self, budget):
         return self.E + self.K * np.asarray(budget, dtype=float) ** -self.gamma
@@ -86,11 +87,11 @@ def power_law_frontier(law: PowerLaw, draws: np.ndarray, budget_range) -> Fronti
     return Frontier(POWER_LAW, 0.0, law.coef, -law.exponent, tuple(budget_range), d)
 
 
-def saturating_frontier(law: ChinchillaLaw, draws: np.ndarray, budget_range) -> Frontier:
-    """From the Chinchilla law and its (E, A, B, alpha, beta) draws."""
+def saturating_frontier(law: ChinchillaLaw, draws: np.ndarray, budget_range, degenerate=()) -> Frontier:
+    """From the Chinchilla law and its (E, A, B, alpha, beta) draws; `degenerate`: the fit's reasons, if any."""
     rows = [_frontier_params(ChinchillaLaw(*row)) if np.all(np.isfinite(row)) else (np.nan,) * 3 for row in draws]
     d = np.array(rows, dtype=float).reshape(-1, 3)
-    return Frontier(SATURATING, *_frontier_params(law), tuple(budget_range), d)
+    return Frontier(SATURATING, *_frontier_params(law), tuple(budget_range), d, tuple(degenerate))
 
 
 def chinchilla_allocation(law: ChinchillaLaw, draws: np.ndarray, budget_range) -> Allocation:

@@ -6,7 +6,7 @@ B = e^b) with L-BFGS from a grid of starts; bootstrap refits start from the full
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -17,6 +17,9 @@ NAMES = ("E", "A", "B", "alpha", "beta")
 # start grid per parameter, in the optimiser's coordinates (a, b, e, alpha, beta)
 GRID = {"a": np.arange(0, 26, 5.0), "b": np.arange(0, 26, 5.0), "e": np.arange(-1, 1.01, 0.5),
         "alpha": np.arange(0, 2.01, 0.5), "beta": np.arange(0, 2.01, 0.5)}
+E_MIN = 1e-6  # lower bound of E as a fraction of the lowest loss: E = 0 in effect, with e = ln E finite
+AT_BOUND = 1e-3  # E within this fraction of the lowest loss of 0 or of that loss counts as at its bound
+ZERO_WIDTH = 1e-6  # a bootstrap interval narrower than this, relative to the value, has zero width
 GRID_STAGE_ITERATIONS = 150  # enough for the grid to find the basins; the best few are then finished
 POLISHED = 8
 
@@ -61,6 +64,9 @@ class ParametricFit:
     draws: np.ndarray  # (R, 5) bootstrap draws of (E, A, B, alpha, beta); NaN rows failed
     grid_edge: list[str]  # parameters fitted more than one grid step outside the start grid
     notes: list[str]
+    degenerate: list[str] = field(default_factory=list)  # why the fit cannot be trusted; empty when it can
+    fixed_e: float | None = None  # E held at this value (--floor) rather than fitted
+    start: np.ndarray | None = None  # (a, b, e, alpha, beta) the winning float64 refinement started from
 
     def residuals(self, n, d, loss) -> np.ndarray:
         """ln L - ln L_hat, the quantity the Huber loss sees."""
@@ -115,45 +121,103 @@ def huber_objective(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, del
 
 
 def fit_parametric(params, tokens, loss, *, delta: float = 1e-3, counts: np.ndarray | None = None,
-                   starts: np.ndarray | None = None, family: str = "") -> ParametricFit:
-    """Fit the law from the start grid; with `counts` (R, runs) refit each bootstrap resample."""
+                   starts: np.ndarray | None = None, family: str = "", fixed_e: float | None = None) -> ParametricFit:
+    """Fit the law from the start grid; with `counts` (R, runs) refit each bootstrap resample.
+
+    E is bounded to [0, lowest loss] (docs/method.md §6), or held at `fixed_e` (e.g. the corpus's entropy rate).
+    """
     log_n, log_d, log_l = np.log(params), np.log(tokens), np.log(loss)
-    notes = []
+    notes = _design_notes(log_n, log_d, log_l, family)
+    lowest = float(np.min(loss))
+    if fixed_e is not None and not 0 <= fixed_e <= lowest:
+        raise ValueError(f"{family}: E fixed to {fixed_e:g}, outside [0, lowest loss {lowest:.4g}]")
+    objective = huber_objective(log_n, log_d, log_l, delta)
+    starts = start_grid() if starts is None else np.asarray(starts, dtype=float)
+    bounds = e_bounds(log_l.min(), 1, fixed_e)  # one row, broadcast over the starts
+    starts = np.unique(np.clip(starts, *bounds), axis=0)  # starts above the lowest loss land on the bound
+    coarse = minimize_batched(huber_objective(log_n, log_d, log_l, delta, dtype=np.float32), starts, lower=bounds[0],
+                              upper=bounds[1], max_iter=GRID_STAGE_ITERATIONS, ftol=1e-7)
+    start, theta, best = _polish(objective, coarse, bounds)
+    grid_edge = [name for name, key, value in zip(NAMES, ("e", "a", "b", "alpha", "beta"), theta[[2, 0, 1, 3, 4]])
+                 if _beyond(GRID[key], value) and not (key == "e" and fixed_e is not None)]
+    draws, ci = np.empty((0, 5)), {k: None for k in NAMES}
+    if counts is not None and len(counts):
+        draws, ci = _bootstrap(log_n, log_d, log_l, delta, counts, theta, fixed_e, family, notes)
+    law = ChinchillaLaw(*(float(v) for v in _natural(theta[None])[0]))
+    if fixed_e is not None:  # exactly the value asked for, not exp(ln E); E has no interval
+        law = replace(law, E=float(fixed_e))
+        draws[:, 0] = np.where(np.isnan(draws[:, 0]), np.nan, fixed_e)
+        ci["E"] = None
+    degenerate = degenerate_reasons(law, ci, grid_edge, lowest, fixed_e is not None)
+    if degenerate:
+        notes.append(f"{family}: degenerate Chinchilla fit ({'; '.join(degenerate)}); its frontier is not used "
+                     "for a compute gap")
+    return ParametricFit(law=law, objective=float(best), delta=delta, ci=ci, draws=draws, grid_edge=grid_edge,
+                         notes=notes, degenerate=degenerate, fixed_e=fixed_e, start=start)
+
+
+def e_bounds(log_l_min: float, rows: int, fixed_e: float | None = None,
+             row_log_l_min: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper) on theta = (a, b, e, alpha, beta), `rows` problems; only e is bounded.
+
+    Every loss is E plus positive terms, so E lies in [0, lowest loss] (per row: `row_log_l_min`, a bootstrap
+    resample's own lowest). e = ln E cannot reach E = 0: E_MIN·lowest loss stands for it (a term that small
+    moves no fitted loss), the same value in every row so that fits stuck at 0 agree exactly.
+    """
+    lower = np.full((rows, 5), -np.inf)
+    upper = np.full((rows, 5), np.inf)
+    lower[:, 2] = log_l_min + np.log(E_MIN)
+    upper[:, 2] = log_l_min if row_log_l_min is None else row_log_l_min
+    if fixed_e is not None:
+        lower[:, 2] = upper[:, 2] = np.maximum(np.log(max(fixed_e, 1e-300)), lower[:, 2])
+    return lower, upper
+
+
+def degenerate_reasons(law: ChinchillaLaw, ci: dict, grid_edge: list[str], lowest_loss: float,
+                       e_fixed: bool = False) -> list[str]:
+    """Why a fit cannot be trusted (empty when it can): E at a bound, a parameter outside the start grid, or
+    a bootstrap interval of zero width (every refit stuck where it started)."""
+    reasons = []
+    if not e_fixed and law.E <= AT_BOUND * lowest_loss:
+        reasons.append(f"E at its lower bound 0 (E = {law.E:.3g})")
+    elif not e_fixed and law.E >= (1 - AT_BOUND) * lowest_loss:
+        reasons.append(f"E at its upper bound, the lowest loss {lowest_loss:.4g} (E = {law.E:.4g})")
+    reasons += [f"{name} outside the start grid" for name in grid_edge]
+    for name in ("alpha", "beta") if e_fixed else ("E", "alpha", "beta"):
+        lo_hi, value = ci.get(name), abs(getattr(law, name))
+        if lo_hi is not None and lo_hi[1] - lo_hi[0] <= ZERO_WIDTH * max(value, 1e-300):
+            reasons.append(f"zero-width bootstrap interval on {name} ({lo_hi[0]:.4g} to {lo_hi[1]:.4g})")
+    return reasons
+
+
+def _design_notes(log_n, log_d, log_l, family: str) -> list[str]:
     if len(log_l) < 5:
         raise ValueError(f"{family}: the parametric law has 5 parameters and needs >= 5 runs, got {len(log_l)}")
     if np.ptp(log_n + log_d) < np.log(1.2):
-        notes.append(f"{family}: all runs have about the same N·D (one FLOP budget), so A, B, alpha and beta "
-                     "are weakly determined")
-    objective = huber_objective(log_n, log_d, log_l, delta)
-    starts = start_grid() if starts is None else np.asarray(starts, dtype=float)
-    coarse = minimize_batched(huber_objective(log_n, log_d, log_l, delta, dtype=np.float32), starts,
-                              max_iter=GRID_STAGE_ITERATIONS, ftol=1e-7)
-    theta, best = _polish(objective, coarse)
-    grid_edge = [name for name, key, value in zip(NAMES, ("e", "a", "b", "alpha", "beta"), theta[[2, 0, 1, 3, 4]])
-                 if _beyond(GRID[key], value)]
-    if grid_edge:
-        notes.append(f"{family}: fitted {', '.join(grid_edge)} beyond the edge of the start grid; no start was near "
-                     "this optimum, so a better one may lie further out (check the fit)")
-    draws = np.empty((0, 5))
-    ci: dict[str, tuple[float, float] | None] = {k: None for k in NAMES}
-    if counts is not None and len(counts):
-        boot = huber_objective(log_n, log_d, log_l, delta, weights=counts)
-        refit = minimize_batched(boot, np.repeat(theta[None], len(counts), axis=0))
-        draws = _natural(refit.x)
-        draws[~(refit.converged & np.isfinite(refit.f) & np.isfinite(draws).all(axis=1))] = np.nan
-        failed = int(np.isnan(draws[:, 0]).sum())
-        if failed:
-            notes.append(f"{family}: {failed} of {len(counts)} parametric bootstrap refits did not converge "
-                         "and were left out of the intervals")
-        lo, hi = interval(draws)
-        ci = {k: (float(lo[i]), float(hi[i])) if np.isfinite(lo[i]) else None for i, k in enumerate(NAMES)}
-    law = ChinchillaLaw(*(float(v) for v in _natural(theta[None])[0]))
-    return ParametricFit(law=law, objective=float(best), delta=delta, ci=ci, draws=draws,
-                         grid_edge=grid_edge, notes=notes)
+        return [f"{family}: all runs have about the same N·D (one FLOP budget), so A, B, alpha and beta "
+                "are weakly determined"]
+    return []
 
 
-def _polish(objective, coarse) -> tuple[np.ndarray, float]:
-    """Finish the best distinct candidates of the float32 grid stage in float64; keep the lowest."""
+def _bootstrap(log_n, log_d, log_l, delta, counts, theta, fixed_e, family, notes):
+    """Refit each resample from the full-data optimum; E is bounded by the lowest loss *in the resample*."""
+    boot = huber_objective(log_n, log_d, log_l, delta, weights=counts)
+    lower, upper = e_bounds(log_l.min(), len(counts), fixed_e, np.where(counts > 0, log_l, np.inf).min(axis=1))
+    refit = minimize_batched(boot, np.repeat(theta[None], len(counts), axis=0), lower=lower, upper=upper)
+    draws = _natural(refit.x)
+    draws[~(refit.converged & np.isfinite(refit.f) & np.isfinite(draws).all(axis=1))] = np.nan
+    failed = int(np.isnan(draws[:, 0]).sum())
+    if failed:
+        notes.append(f"{family}: {failed} of {len(counts)} parametric bootstrap refits did not converge "
+                     "and were left out of the intervals")
+    lo, hi = interval(draws)
+    return draws, {k: (float(lo[i]), float(hi[i])) if np.isfinite(lo[i]) else None for i, k in enumerate(NAMES)}
+
+
+def _polish(objective, coarse, bounds) -> tuple[np.ndarray, np.ndarray, float]:
+    """Finish the best distinct candidates of the float32 grid stage in float64; keep the lowest.
+
+    Returns (the candidate it started from, the optimum, the objective there)."""
     order = np.argsort(np.where(np.isfinite(coarse.f), coarse.f, np.inf))
     candidates, seen = [], set()
     for i in order:
@@ -163,9 +227,9 @@ def _polish(objective, coarse) -> tuple[np.ndarray, float]:
             candidates.append(coarse.x[i])
         if len(candidates) == POLISHED:
             break
-    fine = minimize_batched(objective, np.array(candidates))
+    fine = minimize_batched(objective, np.array(candidates), lower=bounds[0], upper=bounds[1])
     best = int(np.argmin(np.where(np.isfinite(fine.f), fine.f, np.inf)))
-    return fine.x[best], float(fine.f[best])
+    return np.array(candidates[best]), fine.x[best], float(fine.f[best])
 
 
 def _beyond(axis: np.ndarray, value: float) -> bool:

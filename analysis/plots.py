@@ -22,6 +22,7 @@ OTHER_COLOURS = ["#2a9d4b", "#8e44ad", "#d08c00", "#555555", "#17becf"]
 BUDGET_CMAP = "viridis"
 KIND_TITLES = {"power_law": "on IsoFLOP power-law frontiers $L^* = K\\,C^{-\\gamma}$",
                "saturating": "on Chinchilla-law frontiers $L^* = E + K\\,C^{-\\gamma}$"}
+DEGENERATE_COLOUR, DEGENERATE_STYLE = "0.55", "--"  # a degenerate fit's curves: grey, dashed, labelled so
 STYLE = {"figure.dpi": 110, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.3,
          "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False, "font.size": 9}
 
@@ -120,8 +121,10 @@ def frontiers(study: Study):
             law = f"{_num(fr.K)}\\,C^{{{-fr.gamma:.3f}}}"
             label = (f"{fam.name}: $L^* = {law}$" if kind == "power_law"
                      else f"{fam.name}: $L^* = {fr.E:.3g} + {law}$")
-            ax.plot(budgets[inside], fr.loss(budgets[inside]), style, color=colour, lw=1.6, label=label)
-            ax.plot(budgets, fr.loss(budgets), style, color=colour, lw=0.9, alpha=0.45)
+            line_style, line_colour = (DEGENERATE_STYLE, DEGENERATE_COLOUR) if fr.degenerate else (style, colour)
+            label += " (degenerate: not used for the gap)" if fr.degenerate else ""
+            ax.plot(budgets[inside], fr.loss(budgets[inside]), line_style, color=line_colour, lw=1.6, label=label)
+            ax.plot(budgets, fr.loss(budgets), line_style, color=line_colour, lw=0.9, alpha=0.45)
     if gap is not None:
         point = gap.at[0]
         ax.annotate("", xy=(c_ref * point.gap, point.loss), xytext=(c_ref, point.loss),
@@ -162,8 +165,11 @@ def optimal_allocation(study: Study):
             if fam.parametric is not None:
                 log_n, a, log_d, b = fam.parametric.law.allocation()
                 coef, exponent = (log_n, a) if attr == "n_opt" else (log_d, b)
-                ax.plot(c, np.exp(coef) * c ** exponent, ":", color=colour, lw=1.5,
-                        label=f"{fam.name}: ${_num(np.exp(coef))}\\,C^{{{exponent:.3f}}}$ (Chinchilla law)")
+                bad = bool(fam.parametric.degenerate)
+                ax.plot(c, np.exp(coef) * c ** exponent, DEGENERATE_STYLE if bad else ":",
+                        color=DEGENERATE_COLOUR if bad else colour, lw=1.5,
+                        label=f"{fam.name}: ${_num(np.exp(coef))}\\,C^{{{exponent:.3f}}}$ "
+                              f"(Chinchilla law{', degenerate' if bad else ''})")
     for ax, what in zip(axes, ("optimal size N* (non-embedding parameters)", "optimal data D* (tokens)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -230,7 +236,8 @@ def parametric_residuals(study: Study):
         ax.axhspan(-delta, delta, color="grey", alpha=0.25, lw=0)
         ax.set_xscale("log")
         ax.set_xlabel("non-embedding parameters N")
-        ax.set_title(f"{fam.name}: Chinchilla-law residuals", color=family_colour(fam.name, list(study.families)))
+        ax.set_title(f"{fam.name}: Chinchilla-law residuals{' (degenerate fit)' if fam.parametric.degenerate else ''}",
+                     color=family_colour(fam.name, list(study.families)))
         ax.text(0.02, 0.03, f"grey band: ±Huber δ ({fam.parametric.delta:g})", transform=ax.transAxes, fontsize=7,
                 color="0.35")
     axes[0][0].set_ylabel("residual ln(L / L̂) (%)")

@@ -11,7 +11,7 @@ from analysis.bootstrap import LEVEL, interval
 from analysis.frontier import ComputeGap, Frontier, GapPoint
 from analysis.isoflop import BucketOptimum, PowerLaw
 from analysis.parametric import NAMES, ChinchillaLaw, ParametricFit
-from analysis.study import FamilyResult, Study
+from analysis.study import FamilyResult, Settings, Study
 
 SCHEMA_VERSION = 1
 
@@ -25,11 +25,14 @@ def fits_dict(study: Study, source: dict) -> dict:
         "input": source,
         "settings": {"reference": s.reference, "bootstrap": s.bootstrap, "seed": s.seed, "interval": LEVEL,
                      "budget_tolerance": s.budget_tolerance, "huber_delta": s.huber_delta,
-                     "holdout_largest": s.holdout_largest},
+                     "holdout_largest": s.holdout_largest,
+                     "floor": None if s.floor is None else {"value": s.floor, "source": s.floor_source}},
         "entropy_rate_nats": s.entropy_rate,
-        "families": {name: _family(fam, s.entropy_rate) for name, fam in study.families.items()},
+        "families": {name: _family(fam, s) for name, fam in study.families.items()},
         "compute_gap": gaps[0] if gaps else None,
         "compute_gaps": gaps,
+        "compute_gaps_skipped": [{"reference": k.reference, "other": k.other, "frontier": k.kind, "reason": k.reason}
+                                 for k in study.skipped_gaps],
         "holdout": [vars(h) for h in study.holdout],
         "notes": study.notes,
     })
@@ -41,7 +44,7 @@ def write_fits(study: Study, source: dict, path: Path) -> dict:
     return fits
 
 
-def _family(fam: FamilyResult, entropy: float | None) -> dict:
+def _family(fam: FamilyResult, s: Settings) -> dict:
     iso = fam.isoflop
     return {
         "n_runs": len(fam.runs),
@@ -51,7 +54,7 @@ def _family(fam: FamilyResult, entropy: float | None) -> dict:
             "n_opt_law": _law(iso.n_opt_law), "d_opt_law": _law(iso.d_opt_law), "l_opt_law": _law(iso.l_opt_law),
             "failed_resamples": iso.failed_resamples,
         },
-        "parametric": _parametric(fam.parametric, entropy) if fam.parametric else None,
+        "parametric": _parametric(fam.parametric, s) if fam.parametric else None,
         "frontiers": {kind: _frontier(fr) for kind, fr in fam.frontiers.items()},
     }
 
@@ -71,10 +74,12 @@ def _law(law: PowerLaw | None) -> dict | None:
             "ci": {"coef": law.coef_ci, "exponent": law.exponent_ci}}
 
 
-def _parametric(fit: ParametricFit, entropy: float | None) -> dict:
-    law = fit.law
+def _parametric(fit: ParametricFit, s: Settings) -> dict:
+    law, entropy = fit.law, s.entropy_rate
     out = {k: getattr(law, k) for k in NAMES}
     out["ci"] = fit.ci
+    out["degenerate"] = fit.degenerate  # empty when the fit can be trusted; else why not (docs/method.md §6)
+    out["E_fixed"] = None if fit.fixed_e is None else {"value": fit.fixed_e, "source": s.floor_source}
     log_n, a, log_d, b = law.allocation()
     draws = [ChinchillaLaw(*row).allocation() if np.all(np.isfinite(row)) else (np.nan,) * 4 for row in fit.draws]
     draws = np.array(draws, dtype=float).reshape(-1, 4)
@@ -91,7 +96,7 @@ def _parametric(fit: ParametricFit, entropy: float | None) -> dict:
         "frontier": {"E": law.E, "K": law.frontier_k(), "gamma": law.gamma},
     })
     if entropy is not None:
-        e_draws = fit.draws[:, 0] - entropy if len(fit.draws) else np.empty(0)
+        e_draws = fit.draws[:, 0] - entropy if len(fit.draws) and fit.fixed_e is None else np.empty(0)
         out["E_minus_entropy_rate"] = {"value": law.E - entropy,
                                        "ci": interval(e_draws).tolist() if len(e_draws) else None}
     return out
@@ -99,7 +104,7 @@ def _parametric(fit: ParametricFit, entropy: float | None) -> dict:
 
 def _frontier(fr: Frontier) -> dict:
     return {"kind": fr.kind, "E": fr.E, "K": fr.K, "gamma": fr.gamma, "ci": fr.ci(),
-            "budget_range": fr.budget_range, "loss_range": fr.loss_range}
+            "budget_range": fr.budget_range, "loss_range": fr.loss_range, "degenerate": fr.degenerate}
 
 
 def _gap(g: ComputeGap) -> dict:
@@ -138,10 +143,12 @@ def _report_lines(study: Study, fits: dict, figures: dict[str, list[Path]]) -> l
              "Approach 2 resamples the parabolas' residuals over the runs (a curve's model sizes are a design, "
              "kept fixed), Approach 3 resamples runs within each budget. "
              f"Budgets within {s.budget_tolerance:.0%} of each other form one IsoFLOP curve. "
-             "Losses are validation nats/token; N counts non-embedding parameters.", ""]
-    if "mdm" in study.families:
-        lines += ["Note: the MDM loss is the negative ELBO, an upper bound on its NLL, compared here directly with "
-                  "the ARM's cross-entropy, as in the paper (docs/method.md §2).", ""]
+             "Losses are validation nats/token; N counts non-embedding parameters."
+             + (f" E of the Chinchilla law is fixed to {_f(s.floor)} nats/token ({s.floor_source}), not fitted."
+                if s.floor is not None else ""), ""]
+    if len(study.families) > 1:  # families are compared on the validation losses their runs logged
+        lines += ["Note: an MDM's loss is the negative ELBO, an upper bound on its NLL, compared here directly with "
+                  "an ARM's exact cross-entropy, as in the paper (docs/method.md §2).", ""]
     if study.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in study.notes] + [""]
 
@@ -154,7 +161,8 @@ def _report_lines(study: Study, fits: dict, figures: dict[str, list[Path]]) -> l
                   "| family | C | method | L* predicted | L* measured | N* predicted | N* measured | measured from |",
                   "|---|---|---|---|---|---|---|---|"]
         for h in study.holdout:
-            lines.append(f"| {h.family} | {_f(h.budget)} | {h.method} | {_v(h.predicted_l, h.predicted_l_ci)} | "
+            method = h.method + (" (degenerate fit)" if h.degenerate else "")
+            lines.append(f"| {h.family} | {_f(h.budget)} | {method} | {_v(h.predicted_l, h.predicted_l_ci)} | "
                          f"{_v(h.measured_l, h.measured_l_ci)} | {_v(h.predicted_n, h.predicted_n_ci)} | "
                          f"{_v(h.measured_n, h.measured_n_ci)} | {h.measured_from} |")
         lines.append("")
@@ -190,26 +198,44 @@ def _family_lines(name: str, fam: FamilyResult, fj: dict, entropy: float | None)
     if p is None:
         lines += ["Not fitted (see notes).", ""]
         return lines
+    lines += _fit_status(p)
     lines += ["| parameter | value | interval |", "|---|---|---|"]
     for key, label in zip(NAMES, ("E", "A", "B", "α", "β")):
-        lines.append(f"| {label} | {_f(p[key])} | {_ci(p['ci'][key])} |")
+        ci = "fixed (--floor)" if key == "E" and p["E_fixed"] else _ci(p['ci'][key])
+        lines.append(f"| {label} | {_f(p[key])} | {ci} |")
     al, fr = p["allocation"], p["frontier"]
     lines += ["", f"Huber δ = {p['huber_delta']:g}, objective {_f(p['objective'])}; "
-                  f"start grid edge: {', '.join(p['grid_edge']) or 'none'}.",
+                  f"start grid edge: {', '.join(p['grid_edge']) or 'none'}; "
+                  f"degenerate: {'yes' if p['degenerate'] else 'no'}.",
               f"Implied allocation (C = 6ND): N*(C) = {_f(al['n_opt']['coef'])}·C^{_f(al['n_opt']['exponent'])} "
               f"(exponent {_ci(al['n_opt']['ci']['exponent'])}), D*(C) = {_f(al['d_opt']['coef'])}·"
               f"C^{_f(al['d_opt']['exponent'])} (exponent {_ci(al['d_opt']['ci']['exponent'])}).",
               f"Frontier: L*(C) = {_f(fr['E'])} + {_f(fr['K'])}·C^-{_f(fr['gamma'])} (γ = αβ/(α+β)).", ""]
     if entropy is not None:
         e = p["E_minus_entropy_rate"]
-        lines += [f"Irreducible loss vs the corpus entropy rate: E = {_f(p['E'])} {_ci(p['ci']['E'])} nats/token, "
+        fixed = " (fixed)" if p["E_fixed"] else ""
+        lines += [f"Irreducible loss vs the corpus entropy rate: E = {_v(p['E'], p['ci']['E'])}{fixed} nats/token, "
                   f"entropy rate H = {_f(entropy)} nats/token, E − H = {_v(e['value'], e['ci'])}.", ""]
     return lines
 
 
+def _fit_status(p: dict) -> list[str]:
+    """Said before the numbers: whether the fit can be used, and whether E was fitted at all."""
+    lines = []
+    if p["degenerate"]:
+        lines += [f"**Degenerate fit**: {'; '.join(p['degenerate'])}. These numbers do not describe the data's "
+                  "scaling; the fit's frontier is left out of the compute gap and drawn grey and dashed. Fixing E "
+                  "(--floor VALUE|entropy) or adding budgets may give a usable fit.", ""]
+    if p["E_fixed"]:
+        lines += [f"E fixed to {_f(p['E_fixed']['value'])} nats/token ({p['E_fixed']['source']}), not fitted.", ""]
+    return lines
+
+
 def _gap_lines(study: Study) -> list[str]:
+    skipped = [f"- {k.other} vs {k.reference} ({k.kind.replace('_', ' ')} frontiers): not computed, {k.reason}."
+               for k in study.skipped_gaps]
     if not study.gaps:
-        return ["## Compute gap", "", "Not computed (see notes).", ""]
+        return ["## Compute gap", "", "Not computed (see notes).", ""] + (skipped + [""] if skipped else [])
     lines = ["## Compute gap", "",
              "m(L) = C_other(L) / C_reference(L): how many times more compute the other family needs for the same "
              "loss on its frontier. Extrapolated: the loss lies outside a family's fitted budget range.", ""]
@@ -224,7 +250,7 @@ def _gap_lines(study: Study) -> list[str]:
             lines += [f"| {_f(r.budget)} | {_v(r.ratio, (r.lo, r.hi))} | {'yes' if r.extrapolated else 'no'} |"
                       for r in g.n_ratio]
             lines.append("")
-    return lines
+    return lines + (skipped + [""] if skipped else [])
 
 
 def _gap_row(p: GapPoint) -> str:

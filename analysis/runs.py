@@ -1,8 +1,8 @@
 """The runs table: read it from a file or MLflow, rename columns, derive tokens, drop unusable rows.
 
 Schema: family, budget (C, FLOPs), params (N, non-embedding), tokens (D), loss (validation nats/token),
-plus optional run_id, status, flops_convention and entropy_rate_nats. N and C are counted as in
-docs/method.md §3, the loss as in §2.
+plus optional run_id, status, flops_convention, entropy_rate_nats, seed and epochs (so replicate seeds can
+be averaged and epochs shown). N and C are counted as in docs/method.md §3, the loss as in §2.
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from pipeline.mlflow_keys import FINISHED, HASH_TAG
 
 REQUIRED = ("budget", "params", "loss")
 COLUMNS = ("family", "budget", "params", "tokens", "loss", "run_id", "status", "flops_convention",
-           "entropy_rate_nats")
+           "entropy_rate_nats", "seed", "epochs")
 NUMERIC = ("budget", "params", "tokens", "loss")
+OPTIONAL_NUMERIC = ("entropy_rate_nats", "seed", "epochs")  # numbers, NaN where missing; never drop a run
 
 
 def parse_map(items: list[str] | None) -> dict[str, str]:
@@ -72,7 +73,7 @@ def conform(raw: pd.DataFrame, mapping: dict[str, str] | None = None) -> pd.Data
         raise RunsError("runs table is empty")
     df = df[[c for c in COLUMNS if c in df.columns]].copy()
     df["family"] = df["family"].astype(str).str.strip().str.lower() if "family" in df.columns else "all"
-    for column in NUMERIC:
+    for column in (*NUMERIC, *OPTIONAL_NUMERIC):
         if column in df.columns:
             df[column] = pd.to_numeric(df[column], errors="coerce")
     if "tokens" not in df.columns:
@@ -136,15 +137,15 @@ def from_mlflow(experiment: str, tracking_uri: str | None = None, finished_only:
                          "params": params.get("params"), "tokens": params.get("tokens"),
                          "loss": metrics.get("val_loss"), "run_id": run.info.run_id, "status": run.info.status,
                          "flops_convention": params.get("flops_convention"),
-                         "entropy_rate_nats": params.get("entropy_rate_nats"),
-                         "run_hash": run.data.tags[HASH_TAG]})
+                         "entropy_rate_nats": params.get("entropy_rate_nats"), "seed": params.get("seed"),
+                         "epochs": params.get("epochs"), "run_hash": run.data.tags[HASH_TAG]})
         token = page.token
         if not token:
             break
     if not rows:
         raise RunsError(f"MLflow experiment {experiment!r} has no {'finished ' if finished_only else ''}sweep runs")
     df = pd.DataFrame(rows)
-    for column in (*NUMERIC, "entropy_rate_nats"):
+    for column in (*NUMERIC, *OPTIONAL_NUMERIC):
         df[column] = pd.to_numeric(df[column], errors="coerce")
     return df
 

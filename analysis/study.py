@@ -24,6 +24,8 @@ class Settings:
     huber_delta: float = 1e-3
     gap_at: tuple[float, ...] = ()
     entropy_rate: float | None = None  # nats/token of the corpus, when known (the synthetic corpus)
+    floor: float | None = None  # E of the Chinchilla fit held at this value rather than fitted (--floor)
+    floor_source: str | None = None  # where that value came from, for the report
     holdout_largest: bool = False
 
 
@@ -53,6 +55,16 @@ class HoldoutCheck:
     measured_n: float
     measured_n_ci: tuple[float, float] | None
     measured_from: str
+    degenerate: tuple[str, ...] = ()  # the predicting fit's reasons not to be trusted
+
+
+@dataclass(frozen=True)
+class SkippedGap:
+    """A compute gap not computed because a frontier's fit is degenerate."""
+    reference: str
+    other: str
+    kind: str
+    reason: str
 
 
 @dataclass
@@ -62,6 +74,7 @@ class Study:
     gaps: list[ComputeGap]
     holdout: list[HoldoutCheck]
     notes: list[str]
+    skipped_gaps: list[SkippedGap] = field(default_factory=list)
 
 
 def analyze(table: pd.DataFrame, settings: Settings, log: Callable[[str], None] = print) -> Study:
@@ -69,12 +82,12 @@ def analyze(table: pd.DataFrame, settings: Settings, log: Callable[[str], None] 
     families = {}
     for name, runs in table.groupby("family", sort=True):
         families[name] = fit_family(str(name), runs.reset_index(drop=True), settings, log, notes)
-    before = len(notes)
-    gaps = compare_families(families, settings, notes)
+    before, skipped = len(notes), []
+    gaps = compare_families(families, settings, notes, skipped)
     for note in notes[before:]:
         log(f"note: {note}")
     holdout = holdout_checks(settings, families, log, notes) if settings.holdout_largest else []
-    return Study(settings, families, gaps, holdout, notes)
+    return Study(settings, families, gaps, holdout, notes, skipped)
 
 
 def fit_family(name: str, runs: pd.DataFrame, settings: Settings, log, notes: list[str]) -> FamilyResult:
@@ -90,7 +103,8 @@ def fit_family(name: str, runs: pd.DataFrame, settings: Settings, log, notes: li
     para = None
     if len(runs) >= 5:
         log(f"[{name}] Approach 3: L-BFGS from the start grid, then {settings.bootstrap} bootstrap refits")
-        para = fit_parametric(n, d, loss, delta=settings.huber_delta, counts=counts, family=name)
+        para = fit_parametric(n, d, loss, delta=settings.huber_delta, counts=counts, family=name,
+                              fixed_e=settings.floor)
         _say(para.notes, notes, log)
     else:
         _say([f"{name}: Approach 3 needs >= 5 runs, have {len(runs)}; not fitted"], notes, log)
@@ -105,13 +119,17 @@ def fit_family(name: str, runs: pd.DataFrame, settings: Settings, log, notes: li
         result.frontiers[POWER_LAW] = power_law_frontier(iso.l_opt_law, iso.draws.get("l_opt", no_draws), span)
         result.n_opt[POWER_LAW] = Allocation(iso.n_opt_law, iso.draws.get("n_opt", no_draws), span)
     if para is not None:
-        result.frontiers[SATURATING] = saturating_frontier(para.law, para.draws, sampled)
+        result.frontiers[SATURATING] = saturating_frontier(para.law, para.draws, sampled, para.degenerate)
         result.n_opt[SATURATING] = chinchilla_allocation(para.law, para.draws, sampled)
     return result
 
 
-def compare_families(families: dict[str, FamilyResult], settings: Settings, notes: list[str]) -> list[ComputeGap]:
+def compare_families(families: dict[str, FamilyResult], settings: Settings, notes: list[str],
+                     skipped: list[SkippedGap] | None = None) -> list[ComputeGap]:
+    """Each family against the reference, on every frontier kind both have; `skipped` collects the gaps left
+    out because a frontier's fit is degenerate (docs/method.md §6)."""
     ref = settings.reference
+    skipped = [] if skipped is None else skipped
     if len(families) < 2:
         return []
     if ref not in families:
@@ -124,6 +142,8 @@ def compare_families(families: dict[str, FamilyResult], settings: Settings, note
         if not kinds:
             notes.append(f"no frontier fitted for both {ref} and {other}: no compute gap")
         for kind in kinds:
+            if _degenerate_gap(a, b, kind, skipped, notes):
+                continue
             at = settings.gap_at or _default_losses(a.frontiers[kind], b.frontiers[kind])
             gaps.append(compute_gap(ref, a.frontiers[kind], other, b.frontiers[kind], at,
                                     a.n_opt.get(kind), b.n_opt.get(kind)))
@@ -157,8 +177,23 @@ def holdout_checks(settings: Settings, full: dict[str, FamilyResult], log, notes
             l_draws = frontier.draws[:, 0] + frontier.draws[:, 1] * c ** -frontier.draws[:, 2]
             n_draws = np.exp(alloc.draws[:, 0] + alloc.draws[:, 1] * np.log(c))
             checks.append(HoldoutCheck(name, c, method, float(frontier.loss(c)), _ci(l_draws),
-                                       float(alloc.law(c)), _ci(n_draws), *m))
+                                       float(alloc.law(c)), _ci(n_draws), *m, degenerate=frontier.degenerate))
     return checks
+
+
+def _degenerate_gap(ref: FamilyResult, other: FamilyResult, kind: str, skipped: list[SkippedGap],
+                    notes: list[str]) -> bool:
+    """True (with a note) when either family's frontier of this kind comes from a degenerate fit: a gap read
+    off a collapsed law (say E = 0 with a zero-width interval) would look precise and mean nothing."""
+    bad = [f for f in (ref, other) if f.frontiers[kind].degenerate]
+    if not bad:
+        return False
+    why = "; ".join(f"{f.name}: {', '.join(f.frontiers[kind].degenerate)}" for f in bad)
+    reason = f"degenerate Chinchilla fit ({why})"
+    skipped.append(SkippedGap(ref.name, other.name, kind, reason))
+    notes.append(f"no {kind.replace('_', ' ')} compute gap {other.name}/{ref.name}: {reason}; "
+                 "its frontier is left out of the gap")
+    return True
 
 
 def _default_losses(a: Frontier, b: Frontier) -> tuple[float, ...]:

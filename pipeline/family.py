@@ -8,6 +8,7 @@ Training, validation, scoring and sampling ask the family object; no other modul
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -103,10 +104,13 @@ class MDM(Family):
 
     @torch.no_grad()
     def sequence_losses(self, model, blocks, mc, indices=None):
-        """The bound averaged over mc.samples draws; sequence i's draws are seeded by (seed, i), so a checkpoint
-        evaluates to the same number however the sequences are split across ranks or batches."""
+        """The bound averaged over mc.samples draws (mc.estimator: "time" or "count"); sequence i's draws are
+        seeded by (mc.validation_seed, i), so a checkpoint evaluates to the same number however the sequences are
+        split across ranks or batches. Under "count" that seed is mc.eval_seed, not the run's: every run of a
+        sweep, whatever its size or training seed, is scored on the same sequences with the same masks."""
         indices = list(range(len(blocks))) if indices is None else indices
-        noise = {i: draws(mc, blocks.shape[1] - 1, i, device=blocks.device) for i in indices}
+        seeded = replace(mc, seed=mc.validation_seed)
+        noise = {i: draws(seeded, blocks.shape[1] - 1, i, device=blocks.device) for i in indices}
         rows = [(n, i, k) for n, i in enumerate(indices) for k in range(mc.samples)]
         totals = torch.zeros(len(indices), dtype=torch.float64)
         with _eval_mode(model):

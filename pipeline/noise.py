@@ -1,4 +1,4 @@
-"""Seeded randomness of the masked-diffusion objective: generators keyed by integers, diffusion times, masks.
+"""Seeded randomness of the masked-diffusion objective: keyed generators, diffusion times, mask counts, masks.
 
 Every draw is a pure function of integer keys (seed, step, rank, sequence ...), so a resumed run, a
 re-evaluated checkpoint or a rescored task sees the very same masks (docs/method.md §2).
@@ -6,6 +6,7 @@ re-evaluated checkpoint or a rescored task sees the very same masks (docs/method
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -48,20 +49,60 @@ def masking(t: torch.Tensor, u: torch.Tensor, eps: float) -> Masking:
 
 @dataclass(frozen=True)
 class MonteCarlo:
-    """How an MDM's likelihood bound is estimated: K seeded draws of (t, mask), evaluated batch_size at a time.
+    """How an MDM's likelihood bound is estimated: K seeded draws of a mask, evaluated batch_size at a time.
 
+    estimator "time" (SMDM): a time t per draw, each token masked independently with p = (1 − ε)t + ε.
+    estimator "count" (LLaDA, Nie et al. 2025 eq. 6): a count l on 1..L per draw, exactly l tokens masked;
+    its weight follows the tokens actually masked, which lowers the variance (docs/method.md §2).
+    Validation seeds sequence i's draws by (seed, i) under "time", by (eval_seed, i) under "count": a fixed
+    seed, not the run's, so every run of a sweep is scored on the same masks (common random numbers).
     An ARM's likelihood is exact, so it reads only batch_size.
     """
     samples: int = 128         # K draws per sequence
     seed: int = 0
-    eps: float = 1e-3          # the training loss's mask floor
-    stratified: bool = True    # t stratified over the K draws
+    eps: float = 1e-3          # the training loss's mask floor ("time" only)
+    stratified: bool = True    # t, or l, stratified over the K draws
     batch_size: int = 32       # rows per forward
     cfg: float = 0.0           # unsupervised classifier-free guidance weight W (scoring with a prompt)
+    estimator: Literal["time", "count"] = "time"
+    eval_seed: int = 0         # seeds "count" validation in place of seed, whatever the run's seed
+
+    @property
+    def validation_seed(self) -> int:
+        # "time" keeps the run's seed so finished runs' validation numbers stay reproducible
+        return self.eval_seed if self.estimator == "count" else self.seed
+
+
+def mask_counts(samples: int, length: int, generator: torch.Generator, stratified: bool = True) -> torch.Tensor:
+    """`samples` counts l on 1..length, each uniform; stratified: l_k = (floor(k·L/K) + r) mod L + 1.
+
+    One shared rotation r, uniform on 0..L−1, moves every evenly spread floor(k·L/K) to a uniform
+    position, so each draw alone is exactly uniform (unbiased for any K) while the K draws cover 1..L
+    evenly (K = L: each count once).
+    """
+    device = generator.device
+    if stratified:
+        u = torch.rand((), generator=generator, device=device, dtype=torch.float64)
+        rotation = torch.clamp((u * length).floor().long(), max=length - 1)
+        return (torch.arange(samples, device=device) * length // samples + rotation) % length + 1
+    u = torch.rand(samples, generator=generator, device=device, dtype=torch.float64)
+    return torch.clamp((u * length).floor().long(), max=length - 1) + 1
+
+
+def count_masking(counts: torch.Tensor, u: torch.Tensor) -> Masking:
+    """Counts l [B] and uniforms u [B, L] to masks: the l positions of smallest u (a uniform l-subset), p = l/L.
+
+    With p = l/L the loss kernel's Σ_masked CE / p / L is LLaDA's Σ_masked CE · (L/l) / L.
+    """
+    ranks = u.argsort(dim=1).argsort(dim=1)  # ranks, not a threshold on u: exactly l even on ties
+    return Masking(ranks < counts.unsqueeze(1), counts.float() / u.shape[1])
 
 
 def draws(mc: MonteCarlo, length: int, *keys: int, device: str | torch.device = "cpu") -> Masking:
-    """mc.samples maskings of `length` tokens, seeded by (mc.seed, *keys)."""
+    """mc.samples maskings of `length` tokens, seeded by (mc.seed, *keys), by mc.estimator."""
     g = generator(mc.seed, *keys, device=device)
+    if mc.estimator == "count":
+        counts = mask_counts(mc.samples, length, g, mc.stratified)
+        return count_masking(counts, torch.rand(mc.samples, length, generator=g, device=device))
     t = diffusion_times(mc.samples, g, mc.stratified)
     return masking(t, torch.rand(mc.samples, length, generator=g, device=device), mc.eps)

@@ -277,7 +277,7 @@ def _evaluate(run: Run, val: torch.Tensor) -> tuple[float, float]:
     per_rank = math.ceil(n / world)
     mine = [i % n for i in range(rank, per_rank * world, world)]
     mc = MonteCarlo(samples=cfg.eval_samples, seed=cfg.seed, eps=cfg.mdm_eps, stratified=cfg.t_sampling == "stratified",
-                    batch_size=cfg.eval_batch_size)
+                    batch_size=cfg.eval_batch_size, estimator=cfg.mdm_eval)
     values = run.family.sequence_losses(run.engine, val, mc, mine)
     gathered = torch.zeros(n, dtype=torch.float64)
     keep = [k for k, i in enumerate(range(rank, per_rank * world, world)) if i < n]

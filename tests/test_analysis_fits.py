@@ -167,6 +167,33 @@ def test_epoch_chinchilla_reproduces_the_published_fit():
     assert fit.grid_edge == []
 
 
+def test_batched_lbfgs_agrees_with_scipy_on_the_epoch_fit(reference_dir):
+    """The same bounded objective, finished by scipy's L-BFGS-B from the start our float64 stage began at.
+
+    scipy's ftol is relative to max(|f|, 1) and the summed Huber loss is ~1e-3, so ftol would stop it early:
+    it runs on the projected gradient alone."""
+    from scipy.optimize import minimize
+
+    from analysis.parametric import e_bounds, huber_objective
+
+    df = pd.read_csv(reference_dir / "chinchilla_epoch.csv").sort_values("loss").iloc[:-5]
+    n, c, loss = df["Model Size"].to_numpy(), df["Training FLOP"].to_numpy(), df["loss"].to_numpy()
+    fit = fit_parametric(n, c / (6 * n), loss)
+    objective = huber_objective(np.log(n), np.log(c / (6 * n)), np.log(loss), fit.delta)
+    lower, upper = e_bounds(np.log(loss).min(), 1)
+
+    def f(theta):
+        value, grad = objective(theta[None], np.arange(1))
+        return value[0], grad[0]
+
+    result = minimize(f, fit.start, jac=True, method="L-BFGS-B", bounds=list(zip(lower[0], upper[0])),
+                      options={"ftol": 0.0, "gtol": 1e-12, "maxiter": 10_000})
+    a, b, e, alpha, beta = result.x
+    assert np.exp(e) == pytest.approx(fit.law.E, abs=1e-6)
+    assert alpha == pytest.approx(fit.law.alpha, abs=1e-6) and beta == pytest.approx(fit.law.beta, abs=1e-6)
+    assert result.fun == pytest.approx(fit.objective, rel=1e-9)
+
+
 def test_smdm_digitised_optima_reproduce_the_paper():
     """docs/method.md §8: MDM L* ≈ 50.3·C^-0.0625, N* ≈ 1.25e-4·C^0.629; ARM L* ≈ 45.6·C^-0.0642, N* ≈ 1.37e-4·C^0.642;
     gap ≈ 16x. The file holds optima, so the frontier laws are fitted on its points directly."""

@@ -87,7 +87,10 @@ def test_single_budget_fits_what_it_can():
     assert fam.isoflop.buckets[0].usable and fam.isoflop.n_opt_law is None
     assert "need interior optima at >= 2 budgets" in printed
     assert "weakly determined" in printed
-    assert "power_law" not in fam.frontiers and study.gaps  # the gap falls back to the Chinchilla-law frontiers
+    assert "power_law" not in fam.frontiers
+    # the gap falls back to the Chinchilla-law frontiers, but one budget leaves the mdm's law degenerate (B off the
+    # start grid), so that gap is refused with the reason rather than computed (docs/method.md §6)
+    assert not study.gaps and [k.kind for k in study.skipped_gaps] == ["saturating"]
 
 
 def test_one_size_per_budget_makes_approach_2_not_applicable():
@@ -95,7 +98,8 @@ def test_one_size_per_budget_makes_approach_2_not_applicable():
     assert not study.families["arm"].isoflop.applicable
     assert "Approach 2 not applicable" in printed
     assert study.families["arm"].parametric is not None
-    assert [g.kind for g in study.gaps] == ["saturating"]
+    # 5 runs for 5 parameters: the Chinchilla fits are degenerate (E at 0), so the fallback gap is refused
+    assert not study.gaps and [k.kind for k in study.skipped_gaps] == ["saturating"]
 
 
 def test_too_few_runs_for_any_fit():

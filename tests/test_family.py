@@ -11,7 +11,7 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.family import FAMILIES, family_of, mean_and_stderr
 from pipeline.model import KVCache, Transformer
-from pipeline.noise import MonteCarlo, diffusion_times, generator, masking
+from pipeline.noise import Masking, MonteCarlo, diffusion_times, draws, generator, mask_counts, masking
 from pipeline.shapes import Shape
 
 ARM, MDM = FAMILIES["arm"], FAMILIES["mdm"]
@@ -29,16 +29,22 @@ def tiny_model(family: str, vocab: int, seq_len: int, seed: int = 0) -> Transfor
     return model.eval()
 
 
-def analytic_mdm_bound(model: Transformer, x: torch.Tensor, eps: float) -> float:
-    """E over t ~ U(0,1) and all 2^L masks of Σ_masked CE / p / L, by enumeration and exact quadrature."""
-    L = len(x)
-    per_mask = []
-    for pattern in itertools.product([False, True], repeat=L):
+def enumerate_masks(model: Transformer, x: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
+    """Every one of the 2^L masks of x, with Σ_masked CE under it."""
+    out = []
+    for pattern in itertools.product([False, True], repeat=len(x)):
         masked = torch.tensor(pattern)
         with torch.no_grad():
             logits = model(torch.where(masked, model.mask_token_id, x)[None])[0].double()
         ce = torch.nn.functional.cross_entropy(logits, x, reduction="none")
-        per_mask.append((int(masked.sum()), float(ce[masked].sum())))
+        out.append((masked, float(ce[masked].sum())))
+    return out
+
+
+def analytic_mdm_bound(model: Transformer, x: torch.Tensor, eps: float) -> float:
+    """E over t ~ U(0,1) and all 2^L masks of Σ_masked CE / p / L, by enumeration and exact quadrature."""
+    L = len(x)
+    per_mask = [(int(masked.sum()), s) for masked, s in enumerate_masks(model, x)]
     # E[loss | p] = Σ_M p^(|M|-1) (1-p)^(L-|M|) Σ_{i in M} CE_i / L, a polynomial in p of degree L-1;
     # t uniform means p uniform on [eps, 1]: Gauss-Legendre with L nodes integrates it exactly.
     nodes, weights = np.polynomial.legendre.leggauss(L + 1)
@@ -63,6 +69,62 @@ def test_mdm_estimator_expectation_equals_enumerated_bound():
     # the stratified validation estimator targets the same number
     strat = MDM.sequence_losses(model, block, MonteCarlo(samples=draws, seed=5, batch_size=4096))
     assert abs(strat.item() - exact) < 4 * se
+
+
+def test_count_estimator_expectation_equals_the_time_bound_at_eps_zero():
+    """LLaDA's form (l uniform on 1..L, a uniform l-subset, weight L/l) has the ε = 0 bound as its exact mean:
+    B(l, L−l+1) = 1/(l·C(L,l)), so both enumerations weight a size-l mask alike (docs/method.md §2)."""
+    vocab, L = 3, 4
+    model = tiny_model("mdm", vocab, L)
+    x = torch.tensor([0, 2, 1, 1])
+    block = torch.cat([torch.tensor([0]), x])[None]
+    masks = [m for m, _ in enumerate_masks(model, x) if m.any()]
+    # the estimator's own loss on every (l, subset) draw, p = l/L as count draws set it
+    with torch.no_grad():
+        values = MDM.loss(model, block.expand(len(masks), -1),
+                          Masking(torch.stack(masks), torch.stack([m.sum() / L for m in masks]).float())).double()
+    sizes = torch.stack([m.sum() for m in masks])
+    expectation = sum(values[sizes == l].mean().item() for l in range(1, L + 1)) / L
+    exact = analytic_mdm_bound(model, x, eps=0.0)
+    assert expectation == pytest.approx(exact, rel=1e-6, abs=1e-6)
+    # the sampled estimator: iid draws give the standard error; the stratified validation mean is held to it too
+    n = 40_000
+    noise = draws(MonteCarlo(samples=n, seed=2, estimator="count", stratified=False), L, 0)
+    with torch.no_grad():
+        mean, se = mean_and_stderr(MDM.loss(model, block.expand(n, -1), noise).double())
+    assert abs(mean - exact) < 4 * se, (mean, exact, se)
+    strat = MDM.sequence_losses(model, block, MonteCarlo(samples=n, estimator="count", eval_seed=5, batch_size=4096))
+    assert abs(strat.item() - exact) < 4 * se
+
+
+def test_count_draws_mask_exactly_l_tokens_with_l_stratified():
+    L = 16
+    for K in (L, 3 * L, 5):
+        noise = draws(MonteCarlo(samples=K, seed=1, estimator="count"), L, 7)
+        counts = noise.masked.sum(1)
+        assert torch.equal(noise.p, counts.float() / L)  # the kernel's 1/p is the weight L/l
+        if K % L == 0:  # every count equally often
+            assert torch.equal(counts.sort().values, torch.arange(1, L + 1).repeat_interleave(K // L))
+    # K < L: spread evenly (gaps of L/K up to rounding), and each draw alone uniform on 1..L
+    strat = torch.stack([mask_counts(5, L, generator(s)) for s in range(4000)])
+    gaps = strat.sort(1).values.diff(1)
+    assert gaps.min() >= L // 5 and gaps.max() <= L // 5 + 1
+    freq = torch.bincount(strat[:, 0] - 1, minlength=L).double() / len(strat)
+    assert (freq - 1 / L).abs().max() < 4 * math.sqrt(1 / L / len(strat))
+    # the masked l-subset is uniform: every position masked with probability l/L
+    positions = draws(MonteCarlo(samples=20_000, seed=3, estimator="count", stratified=False), L, 0)
+    share = (positions.masked / positions.masked.sum(1, keepdim=True)).mean(0)
+    assert torch.allclose(share, torch.full((L,), 1 / L), atol=0.003)
+
+
+def test_time_draws_are_unchanged_by_the_count_estimator():
+    """Finished runs' validation numbers must not move: "time" draws are today's, bit for bit."""
+    mc = MonteCarlo(samples=8, seed=3)
+    g = generator(3, 5)
+    t = diffusion_times(8, g)
+    expected = masking(t, torch.rand(8, 12, generator=g), mc.eps)
+    got = draws(mc, 12, 5)
+    assert torch.equal(got.masked, expected.masked) and torch.equal(got.p, expected.p)
 
 
 def test_uniform_model_scores_log_v_for_both_families():
@@ -97,15 +159,23 @@ def test_stratified_and_iid_times_share_the_mean_and_stratified_has_less_varianc
     assert torch.allclose(t.diff(), torch.full((n - 1,), 1 / n), atol=1e-6)
 
 
-def test_validation_is_reproducible_and_split_invariant():
+@pytest.mark.parametrize("estimator", ["time", "count"])
+def test_validation_is_reproducible_and_split_invariant(estimator):
     model = tiny_model("mdm", 11, 8)
     blocks = torch.randint(0, 11, (6, 9), generator=torch.Generator().manual_seed(1))
-    whole = MDM.sequence_losses(model, blocks, MonteCarlo(samples=8, seed=3, batch_size=5))
-    again = MDM.sequence_losses(model, blocks, MonteCarlo(samples=8, seed=3, batch_size=16))
-    odd = MDM.sequence_losses(model, blocks, MonteCarlo(samples=8, seed=3, batch_size=3), [1, 3, 5])
-    assert torch.equal(whole, again)
-    assert torch.equal(whole[[1, 3, 5]], odd)
-    assert not torch.equal(whole, MDM.sequence_losses(model, blocks, MonteCarlo(samples=8, seed=4)))
+
+    def losses(batch_size=5, indices=None, **seeds):
+        mc = MonteCarlo(samples=8, batch_size=batch_size, estimator=estimator, **{"seed": 3, **seeds})
+        return MDM.sequence_losses(model, blocks, mc, indices)
+
+    whole = losses()
+    assert torch.equal(whole, losses(batch_size=16))
+    assert torch.equal(whole[[1, 3, 5]], losses(batch_size=3, indices=[1, 3, 5]))
+    if estimator == "time":  # seeded by the run's seed
+        assert not torch.equal(whole, losses(seed=4))
+    else:  # common random numbers: the run's seed does not enter, only the evaluation seed
+        assert torch.equal(whole, losses(seed=4))
+        assert not torch.equal(whole, losses(eval_seed=1))
 
 
 def test_mdm_attends_both_ways_arm_causally():
