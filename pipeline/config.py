@@ -162,7 +162,7 @@ class RunSpec(BaseModel):
         epochs = plan.steps * cfg.batch_size / max(train_blocks, 1)
         if epochs > cfg.max_epochs:
             raise DataError(f"train.max_epochs: {self.family} {self.shape.label} at {self.budget:.3g} FLOPs trains on "
-                            f"{plan.steps * cfg.batch_size:,} sequences, {epochs:.3g} epochs of the corpus's "
+                            f"{plan.steps * cfg.batch_size:,} sequences, {epochs:.4g} epochs of the corpus's "
                             f"{train_blocks:,}, above train.max_epochs={cfg.max_epochs:g} (use a larger corpus, or "
                             "raise max_epochs to repeat data on purpose)")
         return replace(plan, epochs=epochs)

@@ -22,6 +22,11 @@ TRAIN = {"seq_len": 32, "batch_size": 8, "lr": 3e-3, "warmup_min_steps": 2, "min
          "checkpoint_every": 10, "log_every": 5, "eval_samples": 2, "val_blocks": 4}
 
 
+def larger_corpus(tmp_path: Path) -> dict:
+    """Enough tokens for a cpu-26k point at 3e10 FLOPs (about 200k) to see each once."""
+    return {"path": str(tmp_path / "data"), "synthetic": {"tokens": 400_000, "seed": 0}}
+
+
 def write_sweep(tmp_path: Path, name: str = "mini", **overrides) -> Path:
     sweep = {"name": name, "data": {"path": str(tmp_path / "data"), "synthetic": {"tokens": 200_000, "seed": 0}},
              "families": ["mdm", "arm"], "budgets": [4e9, 8e9], "models": ["cpu-26k", "cpu-51k"], "seeds": [0],
@@ -160,7 +165,7 @@ def test_sweep_over_http_logs_every_point_once_and_reruns_nothing(tmp_path, mlfl
 @pytest.mark.slow
 def test_sigkilled_driver_loses_nothing_on_rerun(tmp_path):
     train = {**TRAIN, "checkpoint_every": 20}
-    path = write_sweep(tmp_path, name="mini-kill", families=["mdm"], budgets=[4e9, 3e10], train=train)
+    path = write_sweep(tmp_path, name="mini-kill", families=["mdm"], budgets=[4e9, 3e10], train=train, data=larger_corpus(tmp_path))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(path)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
@@ -208,6 +213,7 @@ def test_killed_worker_is_restarted_from_its_checkpoint(tmp_path):
     """A two-rank ZeRO-2 point under Ray Train: SIGKILL one rank mid-run; Train's FailureConfig restarts the group."""
     train = {**TRAIN, "zero_stage": 2, "checkpoint_every": 20, "log_every": 10}
     path = write_sweep(tmp_path, name="mini-worker", families=["arm"], budgets=[3e10], models=["cpu-26k"], train=train,
+                       data=larger_corpus(tmp_path),
                        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_failures": 2})
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(path)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
