@@ -8,6 +8,7 @@ Training, validation, scoring and sampling ask the family object; no other modul
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -157,17 +158,15 @@ def masked_ce_over_p(model: Transformer, x: torch.Tensor, noise: Masking, contex
     return (ce / noise.p.unsqueeze(1)).sum(dim=1)
 
 
-class _eval_mode:
-    """Evaluate in eval mode and restore the model's mode afterwards."""
-
-    def __init__(self, model):
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self):
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
+@contextmanager
+def _eval_mode(model):
+    """Evaluate in eval mode, then restore the mode the model was in (training calls this mid-run)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (ARM(), MDM())}
