@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ class Family:
     causal: bool               # the attention mask
     mask_token: bool           # whether its inputs may hold a mask token
     bound: str                 # what its validation loss is, for people reading numbers
-    sample_options: tuple[str, ...] = ("length", "temperature", "seed")
+    sampling: type             # its sampler's settings (a dataclass): their fields are the options `sample` takes
     score_options: tuple[str, ...] = ()
 
     def model_config(self, shape: Shape, vocab_size: int, seq_len: int) -> ModelConfig:
@@ -52,7 +52,12 @@ class Family:
         raise NotImplementedError
 
     def sample(self, model: Transformer, prompt: torch.Tensor, **options) -> Sample:
+        """Generate after `prompt` with this family's sampler; `options` are fields of `sampling`."""
         raise NotImplementedError
+
+    @property
+    def sample_options(self) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(self.sampling))
 
     def __repr__(self) -> str:
         return self.name.upper()
@@ -60,6 +65,7 @@ class Family:
 
 class ARM(Family):
     name, causal, mask_token, bound = "arm", True, False, "cross-entropy"
+    sampling = ArmSampling
 
     def loss(self, model, block, noise=None):
         logits = model(block[:, :-1])
@@ -83,13 +89,13 @@ class ARM(Family):
         logp = F.log_softmax(model(x[:, :-1]).double(), dim=-1)[0, len(context) - 1:]
         return -logp.gather(-1, target[:, None]).sum().item()
 
-    def sample(self, model, prompt, *, length, temperature=1.0, seed=0):
-        return arm_sample(model, prompt, ArmSampling(length, temperature, seed))
+    def sample(self, model, prompt, **options):
+        return arm_sample(model, prompt, ArmSampling(**options))
 
 
 class MDM(Family):
     name, causal, mask_token, bound = "mdm", False, True, "diffusion upper bound on the NLL (negative ELBO)"
-    sample_options = (*Family.sample_options, "steps", "sampler", "cfg")
+    sampling = MdmSampling
     score_options = ("samples", "cfg")
 
     def training_noise(self, cfg, step, shard, micro):
@@ -136,8 +142,8 @@ class MDM(Family):
             total += masked_ce_over_p(model, batch, rows, context, mc.cfg).double().sum().item()
         return total / mc.samples
 
-    def sample(self, model, prompt, *, length, temperature=1.0, seed=0, steps=None, sampler=None, cfg=None):
-        return mdm_sample(model, prompt, MdmSampling(length, steps, sampler or "reverse", temperature, cfg or 0.0, seed))
+    def sample(self, model, prompt, **options):
+        return mdm_sample(model, prompt, MdmSampling(**options))
 
 
 def masked_ce_over_p(model: Transformer, x: torch.Tensor, noise: Masking, context: torch.Tensor | None = None,
