@@ -8,13 +8,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import zlib
+from collections.abc import Iterable
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import BudgetError, ConfigError, DataError, did_you_mean
+from pipeline.errors import BudgetError, ConfigError, DataError, SweepError, did_you_mean
 from pipeline.flops import BudgetPlan, FlopsConvention, plan_budget
 from pipeline.mlflow_keys import DEFAULT_TRACKING_URI
 from pipeline.shapes import Shape, resolve_shape
@@ -83,7 +85,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 def format_validation_error(err: ValidationError, prefix: str = "", schema: type[BaseModel] | None = None) -> str:
     """One line per problem, each naming the field and the value given (and a near miss for unknown keys)."""
     lines = []
-    for e in err.errors():
+    for e in _union_branch_errors(err.errors()):
         where = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
         if e["type"] == "extra_forbidden":
             hint = did_you_mean(str(e["loc"][-1]), _known_keys(schema, e["loc"][:-1])) if schema else ""
@@ -92,6 +94,21 @@ def format_validation_error(err: ValidationError, prefix: str = "", schema: type
         given = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
         lines.append(f"{where}: {e['msg'].removeprefix('Value error, ')}{given}")
     return "\n".join(lines)
+
+
+def _union_branch_errors(errors: list[dict]) -> list[dict]:
+    """Errors of a union field (`list | dict`) come once per branch, each under a loc part naming the branch
+    (`list[float]`): keep those of the branch the input was meant for, without that part."""
+    def is_tag(part) -> bool:
+        return isinstance(part, str) and "[" in part
+
+    def field_of(e) -> tuple:
+        return next((e["loc"][:i] for i, part in enumerate(e["loc"]) if is_tag(part)), e["loc"])
+
+    wrong_shape = [e for e in errors if e["type"] in ("list_type", "dict_type") and e["loc"] and is_tag(e["loc"][-1])]
+    kept = [e for e in errors if e not in wrong_shape
+            or not any(field_of(o) == field_of(e) for o in errors if o not in wrong_shape)]
+    return [{**e, "loc": tuple(p for p in e["loc"] if not is_tag(p))} for e in kept]
 
 
 def _known_keys(schema: type[BaseModel], path: tuple) -> list[str]:
@@ -228,6 +245,117 @@ class DataSpec(BaseModel):
     vocab_size: int | None = Field(None, gt=0, description="expected vocabulary; lets --dry-run plan before the data exists")
 
 
+# Recipe keys a sweep may not search, and why.
+UNSEARCHABLE = {"seed": "each run's seed comes from the sweep's `seeds:` list",
+                "flops_convention": "the sweep's `flops_convention:` sets it for every run",
+                **{key: "it does not change a run's result, so every variant would be the same run"
+                   for key in NOT_IDENTITY}}
+DISTRIBUTIONS = ("loguniform", "uniform")
+SPACE_FORMS = "a list of values, {loguniform: [lo, hi], samples: k} or {uniform: [lo, hi], samples: k}"
+
+
+def is_searched(value: Any) -> bool:
+    """A sweep file's `train:` value that asks for a search: no recipe key takes a list or a mapping."""
+    return isinstance(value, (list, dict))
+
+
+def recipe_value(key: str, value: Any) -> Any:
+    """`value` as recipe key `key` holds it ('1e-3' -> 0.001); ValueError naming the value if the key refuses it."""
+    try:
+        return getattr(TrainConfig(**{key: value}), key)
+    except ValidationError as err:
+        raise ValueError(f"{err.errors()[0]['msg']} (got {value!r})") from None
+
+
+class SearchSpace(BaseModel):
+    """One searched recipe key of a sweep file's `train:` section: the listed values, every one run (Ray Tune's
+    grid_search), or `samples` draws from a loguniform or uniform distribution over [lo, hi]."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str
+    grid_search: list[Any] | None = Field(None, description="what a YAML list becomes")
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    samples: int | None = Field(None, ge=1, description="how many values to draw from the distribution")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _searchable_key(cls, raw: dict) -> dict:
+        key = raw["key"]
+        if key not in TrainConfig.model_fields:
+            raise ValueError(f"unknown key{did_you_mean(key, TrainConfig.model_fields)}")
+        if key in UNSEARCHABLE:
+            raise ValueError(f"cannot be searched: {UNSEARCHABLE[key]}")
+        unknown = [k for k in raw if k not in cls.model_fields]
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r}{did_you_mean(unknown[0], (*DISTRIBUTIONS, 'samples'))}; "
+                             f"give {SPACE_FORMS}")
+        if isinstance(raw.get("grid_search"), list):  # typed as the recipe holds them, so duplicates show
+            raw = {**raw, "grid_search": [recipe_value(key, v) for v in raw["grid_search"]]}
+        return raw
+
+    @model_validator(mode="after")
+    def _one_well_formed_space(self):
+        forms = [f for f in ("grid_search", *DISTRIBUTIONS) if getattr(self, f) is not None]
+        if len(forms) != 1:
+            raise ValueError(f"give {SPACE_FORMS}")
+        if self.grid_search is not None:
+            if not self.grid_search:
+                raise ValueError("the list of values is empty")
+            repeated = [v for i, v in enumerate(self.grid_search) if v in self.grid_search[:i]]
+            if repeated:
+                raise ValueError(f"{repeated[0]!r} is listed twice")
+            if self.samples is not None:
+                raise ValueError(f"samples goes with loguniform or uniform, not a list (got samples={self.samples})")
+            return self
+        kind, (lo, hi) = forms[0], self.bounds
+        if self.samples is None:
+            raise ValueError(f"{kind} needs samples: k, how many values to draw")
+        if TrainConfig.model_fields[self.key].annotation is not float:
+            raise ValueError(f"{kind} draws real numbers, but {self.key} is not one; give a list of values")
+        if not lo < hi or (kind == "loguniform" and lo <= 0):
+            raise ValueError(f"{kind} needs {'0 < ' if kind == 'loguniform' else ''}lo < hi (got [{lo:g}, {hi:g}])")
+        for bound in (lo, hi):  # the recipe's constraints are intervals: valid bounds make every draw valid
+            recipe_value(self.key, bound)
+        return self
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        return self.loguniform or self.uniform
+
+    def values(self, seed: int) -> list:
+        """The values this key takes: the listed ones, or `samples` distinct draws, the same for the same seed."""
+        if self.grid_search is not None:
+            return list(self.grid_search)
+        import numpy as np
+        from ray import tune  # seconds to import: only sweeps that sample pay for it
+        from ray.tune.search.variant_generator import generate_variants
+
+        lo, hi = self.bounds
+        domain = tune.loguniform(lo, hi) if self.loguniform else tune.uniform(lo, hi)
+        # One stream per key, so adding a searched key keeps the other keys' draws (hence finished runs), and
+        # raising `samples` keeps the first draws.
+        rng = np.random.RandomState([seed, zlib.crc32(self.key.encode())])
+        drawn: list[float] = []
+        for _ in range(100 * self.samples):  # a collision is redrawn
+            _, resolved = next(generate_variants({self.key: domain}, random_state=rng))
+            # 4 significant digits: the label is the exact value, and a last-bit difference in another machine's
+            # exp/log cannot change the value, hence the run hash
+            value = min(max(float(f"{resolved[self.key]:.4g}"), lo), hi)
+            if value not in drawn:
+                drawn.append(value)
+            if len(drawn) == self.samples:
+                return drawn
+        raise SweepError(f"train.{self.key}: [{lo:g}, {hi:g}] holds fewer than {self.samples} distinct values at 4 "
+                         "significant digits; widen it or take fewer samples")
+
+
+def variant_label(train: TrainConfig, keys: Iterable[str]) -> str:
+    """What a run tried of the searched `keys`, e.g. `lr=0.003538,warmup_fraction=0.05` (each value as Python
+    prints it: exact, and short for the values users write and draws rounded to 4 digits); "" when none."""
+    return ",".join(f"{key}={getattr(train, key)}" for key in sorted(keys))
+
+
 class SweepConfig(BaseModel):
     """A sweep file: the IsoFLOP grid, the recipe, the resources and where results go."""
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -235,16 +363,46 @@ class SweepConfig(BaseModel):
     name: str = Field(min_length=1, description="the MLflow experiment")
     data: DataSpec
     families: list[Family] = Field(min_length=1)
-    budgets: list[float] = Field(min_length=1)
+    budgets: list[float] | dict[str, list[float]] = Field(
+        description="FLOP budgets for every family, or a mapping {arm: [...], mdm: [...]} giving each its own "
+                    "(an MDM grid can then sit where its losses reach the ARM's)")
     flops_convention: FlopsConvention = "6ND"
     models: list[str | dict] | None = None
     sizes: SizeRule | None = None
     seeds: list[int] = [0]
     train: TrainConfig = TrainConfig()
+    # The lists and mappings of the same `train:` section, so that their errors name train.<key>
+    search: dict[str, SearchSpace] = Field(default_factory=dict, validation_alias="train",
+                                           description="searched recipe keys: every grid point runs once per variant")
+    search_seed: int = Field(0, description="seeds the draws of sampled keys: a re-run draws the same values")
     resources: Resources = Resources()
     tracking_uri: str = DEFAULT_TRACKING_URI
     storage: str = Field("ray_results", description="a folder every node can reach (local disk on one machine, "
                                                    "a shared filesystem on a cluster): checkpoints, models, Tune state")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _fixed_recipe(cls, value):
+        return {k: v for k, v in value.items() if not is_searched(v)} if isinstance(value, dict) else value
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _searched_recipe(cls, value):
+        if not isinstance(value, dict):  # not a mapping: `train` says so
+            return {}
+        return {key: {**space, "key": key} if isinstance(space, dict) else {"key": key, "grid_search": space}
+                for key, space in value.items() if is_searched(space)}
+
+    def variants(self) -> list[dict]:
+        """The recipe overrides every grid point runs with, one dict per variant: Ray Tune's grid search over
+        the searched keys' values (the cross product, in Tune's order); [{}] when nothing is searched."""
+        if not self.search:
+            return [{}]
+        from ray import tune
+        from ray.tune.search.variant_generator import generate_variants
+
+        spec = {key: tune.grid_search(space.values(self.search_seed)) for key, space in self.search.items()}
+        return [variant for _, variant in generate_variants(spec)]
 
     @field_validator("data", mode="before")
     @classmethod
@@ -261,10 +419,30 @@ class SweepConfig(BaseModel):
     @field_validator("budgets")
     @classmethod
     def _positive_budgets(cls, budgets):
-        bad = [b for b in budgets if not (math.isfinite(b) and b > 0)]
-        if bad:
-            raise ValueError(f"budgets must be positive finite FLOP counts, got {bad}")
+        for key, values in (budgets.items() if isinstance(budgets, dict) else [("", budgets)]):
+            where = f"budgets.{key}" if key else "budgets"
+            if not values:
+                raise ValueError(f"{where} is empty: give at least one FLOP budget")
+            bad = [b for b in values if not (math.isfinite(b) and b > 0)]
+            if bad:
+                raise ValueError(f"{where} must be positive finite FLOP counts, got {bad}")
         return budgets
+
+    @model_validator(mode="after")
+    def _budgets_per_family(self):
+        if isinstance(self.budgets, dict):
+            unknown = [k for k in self.budgets if k not in self.families]
+            if unknown:
+                raise ValueError(f"budgets: {unknown[0]!r} is not one of the sweep's families "
+                                 f"{self.families}{did_you_mean(unknown[0], self.families)}")
+            missing = [f for f in self.families if f not in self.budgets]
+            if missing:
+                raise ValueError(f"budgets: no budgets for family {missing[0]!r}; the mapping has "
+                                 f"{sorted(self.budgets)}")
+        return self
+
+    def budgets_for(self, family: str) -> list[float]:
+        return self.budgets[family] if isinstance(self.budgets, dict) else self.budgets
 
     @field_validator("models")
     @classmethod

@@ -44,6 +44,11 @@ class Family:
     def sequence_losses(self, model: Transformer, blocks: torch.Tensor, mc: MonteCarlo,
                         indices: list[int] | None = None) -> torch.Tensor:
         """Held-out loss (nats/token, float64) of each sequence in `indices` (default all)."""
+        return self.sequence_losses_and_mc_var(model, blocks, mc, indices)[0]
+
+    def sequence_losses_and_mc_var(self, model: Transformer, blocks: torch.Tensor, mc: MonteCarlo,
+                                   indices: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence_losses, the Monte Carlo variance of each given its sequence: 0 where the loss is exact)."""
         raise NotImplementedError
 
     def continuation_nll(self, model: Transformer, context: torch.Tensor, target: torch.Tensor,
@@ -73,12 +78,13 @@ class ARM(Family):
         return ce.mean(dim=1)
 
     @torch.no_grad()
-    def sequence_losses(self, model, blocks, mc, indices=None):
+    def sequence_losses_and_mc_var(self, model, blocks, mc, indices=None):
         indices = list(range(len(blocks))) if indices is None else indices
         with _eval_mode(model):
             values = [self.loss(model, blocks[indices[s:s + mc.batch_size]]).double().cpu()
                       for s in range(0, len(indices), mc.batch_size)]
-        return torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+        losses = torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+        return losses, torch.zeros_like(losses)  # exact given the sequence: no draws, no Monte Carlo error
 
     def continuation_nll(self, model, context, target, mc):
         if mc.cfg:
@@ -110,24 +116,25 @@ class MDM(Family):
         return masked_ce_over_p(model, x, noise) / x.shape[1]
 
     @torch.no_grad()
-    def sequence_losses(self, model, blocks, mc, indices=None):
+    def sequence_losses_and_mc_var(self, model, blocks, mc, indices=None):
         """The bound averaged over mc.samples draws (mc.estimator: "time" or "count"); sequence i's draws are
         seeded by (mc.validation_seed, i), so a checkpoint evaluates to the same number however the sequences are
         split across ranks or batches. Under "count" that seed is mc.eval_seed, not the run's: every run of a
-        sweep, whatever its size or training seed, is scored on the same sequences with the same masks."""
+        sweep, whatever its size or training seed, is scored on the same sequences with the same masks.
+        The variance is that of each average over its draws (see `_mean_and_var_of_mean`)."""
         indices = list(range(len(blocks))) if indices is None else indices
         seeded = replace(mc, seed=mc.validation_seed)
         noise = {i: draws(seeded, blocks.shape[1] - 1, i, device=blocks.device) for i in indices}
-        rows = [(n, i, k) for n, i in enumerate(indices) for k in range(mc.samples)]
-        totals = torch.zeros(len(indices), dtype=torch.float64)
+        rows = [(i, k) for i in indices for k in range(mc.samples)]  # sequence by sequence, draw by draw
+        per_draw = torch.zeros(len(rows), dtype=torch.float64)
         with _eval_mode(model):
             for start in range(0, len(rows), mc.batch_size):
                 chunk = rows[start:start + mc.batch_size]
-                batch = Masking(torch.stack([noise[i].masked[k] for _, i, k in chunk]),
-                                torch.stack([noise[i].p[k] for _, i, k in chunk]))
-                values = self.loss(model, blocks[[i for _, i, _ in chunk]], batch).double().cpu()
-                totals.index_add_(0, torch.tensor([n for n, _, _ in chunk]), values)
-        return totals / mc.samples
+                batch = Masking(torch.stack([noise[i].masked[k] for i, k in chunk]),
+                                torch.stack([noise[i].p[k] for i, k in chunk]))
+                values = self.loss(model, blocks[[i for i, _ in chunk]], batch)
+                per_draw[start:start + len(chunk)] = values.double().cpu()
+        return _mean_and_var_of_mean(per_draw.view(len(indices), mc.samples))
 
     def continuation_nll(self, model, context, target, mc):
         """The bound with only the continuation noised; draws depend on (seed, len(target)) alone, so
@@ -164,6 +171,18 @@ def masked_ce_over_p(model: Transformer, x: torch.Tensor, noise: Masking, contex
     return (ce / noise.p.unsqueeze(1)).sum(dim=1)
 
 
+def _mean_and_var_of_mean(per_draw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's mean over its K draws [n, K], and that mean's variance s²/K (NaN for K = 1: no spread to see).
+
+    s²/K is the iid formula: for stratified draws (times or counts spread over the K draws) the mean's true
+    variance is smaller, so this estimate is slightly conservative.
+    """
+    k = per_draw.shape[1]
+    # summed draw by draw, in order, as validation always has: a vectorised sum moves val_loss's last bits
+    mean = sum(per_draw.unbind(dim=1), torch.zeros(len(per_draw), dtype=torch.float64)) / k
+    return mean, per_draw.var(dim=1) / k if k > 1 else torch.full_like(mean, math.nan)
+
+
 @contextmanager
 def _eval_mode(model):
     """Evaluate in eval mode, then restore the mode the model was in (training calls this mid-run)."""
@@ -186,3 +205,12 @@ def family_of(model: Transformer) -> Family:
 def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
     stderr = values.std().item() / len(values) ** 0.5 if len(values) > 1 else math.nan
     return values.mean().item(), stderr
+
+
+def mc_stderr(variances: torch.Tensor) -> float:
+    """The Monte Carlo standard error of the mean of n sequence losses, given the sequences: √(Σ var_i) / n.
+
+    Unlike mean_and_stderr's spread between sequences, which every run of a sweep shares (same sequences,
+    same draws) and which cancels when runs are compared, this is the error left in such comparisons.
+    """
+    return variances.sum().sqrt().item() / len(variances)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 
 import yaml
 from pydantic import ValidationError
 
-from pipeline.config import RunSpec, SweepConfig, format_validation_error
+from pipeline.config import RunSpec, SweepConfig, format_validation_error, variant_label
 from pipeline.errors import BudgetError, DataError, SweepError
 from pipeline.flops import BudgetPlan
 from pipeline.shapes import CPU_SHAPES, PAPER_SHAPES, Shape, resolve_shape
@@ -17,6 +18,7 @@ from pipeline.shapes import CPU_SHAPES, PAPER_SHAPES, Shape, resolve_shape
 class GridPoint:
     spec: RunSpec
     plan: BudgetPlan
+    variant: str = ""  # the searched recipe values it runs with (variant_label); "" when the sweep searches none
 
 
 def load_sweep(path: str | Path) -> SweepConfig:
@@ -55,40 +57,49 @@ def sizes_for_budget(budget: float, family: str, sweep: SweepConfig) -> list[Sha
 
 def expand_grid(sweep: SweepConfig, vocab_size: int, data_fingerprint: str = "",
                 train_blocks: int | None = None) -> tuple[list[GridPoint], list[str]]:
-    """(points to run, reasons for points dropped). A budget too small for its model drops the point;
-    duplicate points, and points that would repeat data beyond train.max_epochs (given the corpus's
-    `train_blocks`), are errors, all listed at once."""
+    """(points to run, reasons for points dropped). Every (family, budget, size, seed) runs once per recipe
+    variant of the sweep's searched keys. A budget too small for its model drops the point; duplicate points,
+    and points that would repeat data beyond train.max_epochs (given the corpus's `train_blocks`), are errors,
+    all listed at once."""
     points, dropped, refused, seen = [], [], [], {}
     train = sweep.train.with_overrides({"flops_convention": sweep.flops_convention})
-    for budget in sweep.budgets:
-        for family in sweep.families:
+    variants = sweep.variants()
+    for family in sweep.families:
+        for budget in sweep.budgets_for(family):
             shapes = sizes_for_budget(budget, family, sweep) if sweep.sizes else [resolve_shape(m) for m in sweep.models]
             for shape in shapes:
-                for seed in sweep.seeds:
-                    spec = RunSpec(family=family, shape=shape, budget=budget, train=train.with_overrides({"seed": seed}),
-                                   data_fingerprint=data_fingerprint)
+                for seed, variant in product(sweep.seeds, variants):
+                    spec = RunSpec(family=family, shape=shape, budget=budget, data_fingerprint=data_fingerprint,
+                                   train=train.with_overrides({"seed": seed, **variant}))
+                    label = variant_label(spec.train, sweep.search)
+                    of_variant = f" ({label})" if label else ""
                     if spec.run_hash in seen:
                         raise SweepError(f"duplicated grid point: {spec.run_name} (family={family}, budget={budget:g}, "
-                                         f"model={shape.label}, seed={seed}) appears twice")
+                                         f"model={shape.label}, seed={seed}){of_variant} appears twice")
                     seen[spec.run_hash] = spec
                     try:
-                        points.append(GridPoint(spec, spec.plan(vocab_size, train_blocks)))
+                        points.append(GridPoint(spec, spec.plan(vocab_size, train_blocks), label))
                     except BudgetError as err:
-                        dropped.append(f"{family} {shape.label} at {budget:.3g}: {err}")
+                        dropped.append(f"{family} {shape.label} at {budget:.3g}{of_variant}: {err}")
                     except DataError as err:
-                        refused.append(str(err))
+                        refused.append(f"{err}{of_variant}")
     if refused:
         raise SweepError("\n".join(refused))
     return points, dropped
 
 
 def format_grid(points: list[GridPoint]) -> str:
+    """The --dry-run table; a `variant` column, and the number of variants, when the sweep searches the recipe."""
+    variants = sorted({p.variant for p in points if p.variant})
     header = f"{'family':<7}{'budget':>10}  {'model':<14}{'N':>15}{'D (tokens)':>18}{'steps':>9}{'D/N':>8}{'epochs':>8}"
+    header += "  variant" if variants else ""
     lines = [header, "-" * len(header)]
     for p in points:
         s = p.spec
         n = s.shape.non_embedding_params()
         epochs = "?" if p.plan.epochs is None else f"{p.plan.epochs:.3f}"  # unknown until the data exists
         lines.append(f"{s.family:<7}{s.budget:>10.3g}  {s.shape.label:<14}{n:>15,}{p.plan.tokens:>18,}"
-                     f"{p.plan.steps:>9}{p.plan.tokens / n:>8.1f}{epochs:>8}")
+                     f"{p.plan.steps:>9}{p.plan.tokens / n:>8.1f}{epochs:>8}" + (f"  {p.variant}" if variants else ""))
+    if variants:
+        lines.append(f"{len(variants)} recipe variants: every grid point runs once with each")
     return "\n".join(lines)

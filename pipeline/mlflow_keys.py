@@ -13,6 +13,7 @@ HASH_TAG = "isoflop.run_hash"          # on every grid point's run; the sweep's 
 SWEEP_TAG = "isoflop.sweep"            # on the sweep's parent run
 REASON_TAG = "isoflop.failure_reason"
 RESUMED_TAG = "isoflop.resumed"
+VARIANT_TAG = "isoflop.variant"        # which searched recipe values (e.g. lr=0.002) a run tried; "" when none
 PARENT_TAG = "mlflow.parentRunId"
 
 FINISHED = "FINISHED"                  # MLflow's run statuses

@@ -61,7 +61,9 @@ def _ladder(prefix: str, rows: list[tuple[int, int, int, int]]) -> dict[str, Sha
 
 
 def _human(n: int) -> str:
-    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{round(n / 1e3)}k"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    return f"{n / 1e3:.1f}k" if n < 2000 else f"{round(n / 1e3)}k"
 
 
 # The paper's 30 shapes (n_layer, n_head, d_model, intermediate size), named by their size in millions
@@ -82,9 +84,11 @@ PAPER_SHAPES = {
     }.items()
 }
 
-# Tiny shapes for CPU demos and tests, about 2k to 5M non-embedding parameters, roughly 1.5x apart.
-# Width and depth grow together so each step is a sensible model, not a stretched one.
+# Tiny shapes for CPU demos and tests, about 300 to 5M non-embedding parameters, roughly 1.5x apart.
+# Width and depth grow together so each step is a sensible model, not a stretched one. The four below 2k
+# (one-head where two heads would have an odd size) are for ARMs at 1e9-1e10 FLOPs, whose optimum is that small.
 CPU_SHAPES = _ladder("cpu", [
+    (1, 1, 4, 16), (1, 1, 6, 24), (1, 2, 8, 32), (1, 1, 10, 40),
     (1, 2, 12, 48), (1, 2, 16, 64), (1, 2, 24, 96), (1, 2, 28, 112), (1, 2, 32, 128), (1, 2, 40, 160), (2, 2, 32, 128), (2, 2, 40, 160), (3, 2, 40, 160), (3, 3, 48, 192),
     (4, 3, 48, 192), (3, 4, 64, 256), (4, 4, 64, 256), (4, 4, 80, 320), (4, 4, 96, 384),
     (6, 4, 96, 384), (5, 4, 128, 512), (6, 4, 160, 640), (8, 6, 192, 768),

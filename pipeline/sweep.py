@@ -19,7 +19,7 @@ from ray import tune
 from ray.train.torch import TorchTrainer
 
 from pipeline import tracking
-from pipeline.config import Resources, RunSpec, SweepConfig
+from pipeline.config import Resources, RunSpec, SweepConfig, variant_label
 from pipeline.data import load_dataset
 from pipeline.distributed import ensure_process_group
 from pipeline.errors import DataError, SweepError, TrackingError
@@ -44,6 +44,11 @@ class SweepContext:
     data_dir: str
     storage: str
     resources: Resources
+    search_keys: tuple[str, ...] = ()  # the sweep's searched recipe keys, which name a run's variant
+
+    def logger(self, spec: RunSpec) -> tracking.RunLogger:
+        return tracking.RunLogger(self.tracking_uri, self.experiment_id, spec, self.parent_run_id,
+                                  variant_label(spec.train, self.search_keys))
 
 
 @dataclass
@@ -127,6 +132,7 @@ def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str
     if dry_run:
         print(format_grid(plan.points))
         print(f"{len(plan.points)} runs, {sum(p.plan.flops for p in plan.points):.3g} FLOPs in all")
+        print(format_loss_ranges(tracking.measured_losses(plan.tracking_uri, plan.sweep.name)))
         return 0
     todo, failed = pending_points(plan, rerun_failed)
     if not todo:
@@ -142,6 +148,21 @@ def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str
     print(f"sweep {plan.sweep.name}: {len(results) - len(errors) - len(diverged)} trained, {len(diverged)} diverged, "
           f"{len(errors)} errored; results in MLflow experiment '{plan.sweep.name}' at {plan.tracking_uri}")
     return 1 if errors or diverged or failed else 0
+
+
+def format_loss_ranges(losses: dict[str, list[float]] | None) -> str:
+    """Which losses each family's finished runs reached, and where the families overlap: a compute gap is
+    measured only at losses both reach (else it extrapolates a frontier)."""
+    if losses is None:
+        return "losses measured so far: unknown (the tracking store cannot be read)"
+    if not losses:
+        return "losses measured so far: none (no finished runs yet)"
+    spans = {family: (min(values), max(values)) for family, values in sorted(losses.items())}
+    text = ", ".join(f"{f} {lo:.4g}-{hi:.4g} ({len(losses[f])} runs)" for f, (lo, hi) in spans.items())
+    if len(spans) > 1:
+        lo, hi = max(s[0] for s in spans.values()), min(s[1] for s in spans.values())
+        text += f"; overlap {lo:.4g}-{hi:.4g}" if lo <= hi else "; no overlap"
+    return f"losses measured so far (finished runs): {text}"
 
 
 def pending_points(plan: SweepPlan, rerun_failed: bool) -> tuple[list[GridPoint], list[str]]:
@@ -175,16 +196,22 @@ def run_trials(plan: SweepPlan, todo: list[GridPoint]):
     client = MlflowClient(plan.tracking_uri)
     context = SweepContext(sweep.name, plan.tracking_uri, plan.experiment_id,
                            tracking.sweep_parent(client, plan.experiment_id, sweep.name),
-                           str(Path(sweep.data.path).resolve()), storage, sweep.resources)
+                           str(Path(sweep.data.path).resolve()), storage, sweep.resources, tuple(sweep.search))
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), trial_resources(sweep.resources))
     tuner = tune.Tuner(
         trainable,
-        param_space={"spec": tune.grid_search([p.spec.to_dict() for p in todo])},
+        param_space={"spec": tune.grid_search([p.spec.to_dict() for p in longest_first(todo)])},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage,
                                   failure_config=tune.FailureConfig(max_failures=sweep.resources.max_failures),
                                   callbacks=[SweepProgress(todo)], verbose=0))
     return tuner.fit()
+
+
+def longest_first(points: list[GridPoint]) -> list[GridPoint]:
+    """Longest runs first, so the last trials to start are short and no slot idles while one long run ends
+    (at CPU scale a step's cost is mostly the vocabulary head, so tokens are a better guide than FLOPs)."""
+    return sorted(points, key=lambda p: p.plan.tokens, reverse=True)
 
 
 def run_trial(config: dict, context: SweepContext) -> None:
@@ -217,7 +244,7 @@ def run_trial(config: dict, context: SweepContext) -> None:
         try:
             trainer.fit()
         except Exception as err:
-            tracking.RunLogger(context.tracking_uri, context.experiment_id, spec).fail(f"{type(err).__name__}: {err}")
+            context.logger(spec).fail(f"{type(err).__name__}: {err}")
             raise
         status, reason = tracking.run_status(MlflowClient(context.tracking_uri), context.experiment_id, spec.run_hash)
         outcome = {"status": "finished" if status == FINISHED else reason.split(":")[0] or "failed"}
@@ -247,7 +274,7 @@ def train_point(spec: RunSpec, context: SweepContext) -> dict:
     folder = RunFolder(Path(context.storage) / "runs" / spec.run_hash)
     logger = None
     if rank == 0:
-        logger = tracking.RunLogger(context.tracking_uri, context.experiment_id, spec, context.parent_run_id)
+        logger = context.logger(spec)
         info = load_dataset(context.data_dir).info
         logger.log_params(tracking.run_params(spec, spec.plan(info.vocab_size, info.train_blocks(spec.train.seq_len)),
                                               world, info),

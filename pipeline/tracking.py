@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import RunSpec
 from pipeline.errors import TrackingError
 from pipeline.flops import BudgetPlan
-from pipeline.mlflow_keys import FAILED, FINISHED, HASH_TAG, PARENT_TAG, REASON_TAG, RESUMED_TAG, SWEEP_TAG
+from pipeline.mlflow_keys import (FAILED, FINISHED, HASH_TAG, PARENT_TAG, REASON_TAG, RESUMED_TAG, SWEEP_TAG,
+                                  VARIANT_TAG)
 
 def prepare_store(uri: str, experiment: str) -> str:
     """Create the database and experiment once, from the driver, before any trial logs (returns its id).
@@ -107,17 +108,21 @@ class RunLogger:
     """Get-or-create the MLflow run of one grid point and log to it from rank 0.
 
     On a resumed attempt, metric steps already logged are skipped, so curves never hold duplicates.
+    `variant` is the searched recipe values the point runs with (config.variant_label), "" when none.
     """
 
-    def __init__(self, uri: str, experiment_id: str, spec: RunSpec, parent_id: str | None = None):
+    def __init__(self, uri: str, experiment_id: str, spec: RunSpec, parent_id: str | None = None,
+                 variant: str = ""):
         self.client = MlflowClient(uri)
         found = find_run(self.client, experiment_id, spec.run_hash)
         if found is None:
-            tags = {HASH_TAG: spec.run_hash, **({PARENT_TAG: parent_id} if parent_id else {})}
+            tags = {HASH_TAG: spec.run_hash, VARIANT_TAG: variant, **({PARENT_TAG: parent_id} if parent_id else {})}
             self.run_id = self.client.create_run(experiment_id, run_name=spec.run_name, tags=tags).info.run_id
             self.logged_through = 0
         else:
             self.run_id = found.info.run_id
+            if VARIANT_TAG not in found.data.tags:  # a run begun before variants were recorded
+                self.client.set_tag(self.run_id, VARIANT_TAG, variant)
             self.client.update_run(self.run_id, status="RUNNING")
             history = self.client.get_metric_history(self.run_id, "loss")
             self.logged_through = max((m.step for m in history), default=0)
@@ -141,7 +146,7 @@ class RunLogger:
 
     def finish(self, result: dict, artifacts: list[Path]) -> None:
         final = [Metric(k, float(result[k]), int(time.time() * 1000), int(result["steps"]))
-                 for k in ("val_loss", "val_stderr", "tokens_per_s", "seconds")]
+                 for k in ("val_loss", "val_stderr", "val_mc_stderr", "tokens_per_s", "seconds")]
         tags = [RunTag(REASON_TAG, "")]
         if result["resumed_from_step"]:
             tags.append(RunTag(RESUMED_TAG, f"resumed at step {result['resumed_from_step']}"))
@@ -161,3 +166,24 @@ def run_status(client: MlflowClient, experiment_id: str, run_hash: str) -> tuple
     if run is None:
         return None, ""
     return run.info.status, run.data.tags.get(REASON_TAG, "")
+
+
+def measured_losses(uri: str, experiment: str) -> dict[str, list[float]] | None:
+    """Validation losses of the experiment's finished grid points, by family; read only, so a dry run can show
+    them ({} for a store or experiment not created yet, None when the store cannot be read)."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return {}
+    try:
+        if uri.startswith(("http://", "https://")):
+            check_server(uri)  # fails in seconds where the client would retry for minutes
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(experiment)
+        runs = [] if found is None else client.search_runs(
+            [found.experiment_id], f"attributes.status = '{FINISHED}' and tags.`{HASH_TAG}` != ''", max_results=10000)
+    except Exception:  # an unreachable server: the dry run still shows the grid
+        return None
+    losses: dict[str, list[float]] = {}
+    for run in runs:
+        if "val_loss" in run.data.metrics:
+            losses.setdefault(run.data.params.get("family", "?"), []).append(run.data.metrics["val_loss"])
+    return losses

@@ -19,7 +19,7 @@ from pipeline import distributed
 from pipeline.config import RunSpec, TrainConfig
 from pipeline.data import TokenDataset, load_dataset
 from pipeline.errors import ConfigError, DataError
-from pipeline.family import FAMILIES, Family, mean_and_stderr
+from pipeline.family import FAMILIES, Family, mc_stderr, mean_and_stderr
 from pipeline.flops import BudgetPlan, flops_per_token
 from pipeline.model import Transformer
 from pipeline.noise import MonteCarlo
@@ -46,7 +46,8 @@ class TrainResult:
     flops_convention: str
     steps: int
     val_loss: float
-    val_stderr: float
+    val_stderr: float      # the spread between validation sequences: shared by every run of a sweep
+    val_mc_stderr: float   # the Monte Carlo error given those sequences, the one left in comparisons (ARM: 0)
     world_size: int
     seconds: float
     tokens_per_s: float
@@ -226,13 +227,13 @@ def finish(run: Run, start: int, seconds: float) -> TrainResult:
     """Validate, write the run folder (rank 0) and drop the optimizer state, now dead weight."""
     spec, plan, cfg = run.spec, run.plan, run.spec.train
     val = run.data.val_blocks(seq_len=cfg.seq_len, max_blocks=cfg.val_blocks).to(run.device)
-    val_loss, val_stderr = _evaluate(run, val)
+    val_loss, val_stderr, val_mc_stderr = _evaluate(run, val)
     result = TrainResult(
         run_hash=spec.run_hash, family=spec.family, model=spec.shape.label, params=spec.shape.non_embedding_params(),
         params_total=run.params_total, budget=spec.budget, tokens=plan.tokens, flops=plan.flops,
         flops_convention=cfg.flops_convention, steps=plan.steps, val_loss=val_loss, val_stderr=val_stderr,
-        world_size=run.world, seconds=seconds, tokens_per_s=(plan.steps - start) * plan.tokens_per_step / seconds,
-        resumed_from_step=start)
+        val_mc_stderr=val_mc_stderr, world_size=run.world, seconds=seconds,
+        tokens_per_s=(plan.steps - start) * plan.tokens_per_step / seconds, resumed_from_step=start)
     # ZeRO-3 holds a shard per rank: every rank takes part in gathering the full weights
     engine = run.engine
     state = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else engine.module.state_dict()
@@ -271,20 +272,21 @@ def train(spec: RunSpec, data_dir: str | Path, out_dir: str | Path, *, reporter:
     return finish(run, start, time.perf_counter() - started)
 
 
-def _evaluate(run: Run, val: torch.Tensor) -> tuple[float, float]:
-    """Each rank scores every world-th sequence; ranks do equal work (ZeRO-3 gathers weights in lockstep)."""
+def _evaluate(run: Run, val: torch.Tensor) -> tuple[float, float, float]:
+    """(val_loss, val_stderr, val_mc_stderr). Each rank scores every world-th sequence; ranks do equal work
+    (ZeRO-3 gathers weights in lockstep)."""
     cfg, n, rank, world = run.spec.train, len(val), run.rank, run.world
     per_rank = math.ceil(n / world)
     mine = [i % n for i in range(rank, per_rank * world, world)]
     mc = MonteCarlo(samples=cfg.eval_samples, seed=cfg.seed, eps=cfg.mdm_eps, stratified=cfg.t_sampling == "stratified",
                     batch_size=cfg.eval_batch_size, estimator=cfg.mdm_eval)
-    values = run.family.sequence_losses(run.engine, val, mc, mine)
-    gathered = torch.zeros(n, dtype=torch.float64)
+    values, variances = run.family.sequence_losses_and_mc_var(run.engine, val, mc, mine)
+    gathered = torch.zeros(2, n, dtype=torch.float64)  # losses and their Monte Carlo variances, one all_reduce
     keep = [k for k, i in enumerate(range(rank, per_rank * world, world)) if i < n]
-    gathered[[mine[k] for k in keep]] = values[keep]
+    gathered[:, [mine[k] for k in keep]] = torch.stack([values, variances])[:, keep]
     if world > 1:
         dist.all_reduce(gathered)
-    return mean_and_stderr(gathered)
+    return (*mean_and_stderr(gathered[0]), mc_stderr(gathered[1]))
 
 
 def _mean_over_ranks(values: list[float], world: int) -> list[float]:

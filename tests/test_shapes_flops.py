@@ -31,10 +31,11 @@ def test_models_csv_reproduces_reference(reference_dir, capsys):
             assert printed[name] == round(float(row["nonemb_params_M"]) * 1e6)
 
 
-def test_cpu_ladder_spans_2k_to_5m_and_grows():
+def test_cpu_ladder_spans_300_to_5m_and_grows():
     sizes = [s.non_embedding_params() for s in CPU_SHAPES.values()]
-    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
-    assert 2_000 <= sizes[0] and sizes[-1] <= 5_000_000
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes) == len(CPU_SHAPES)  # no two share a name
+    assert 200 <= sizes[0] and sizes[-1] <= 5_000_000
+    assert max(b / a for a, b in zip(sizes, sizes[1:])) < 2.5  # fine enough for a parabola per budget
 
 
 @pytest.mark.parametrize("name", ["cpu-26k", "cpu-1.3M", "smdm-6M"])

@@ -68,6 +68,7 @@ def test_dry_run_prints_grid_and_drops_short_points(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "dropped: mdm cpu-26k at 1e+07" in proc.stdout and "below train.min_steps=10" in proc.stdout
     assert proc.stdout.count("cpu-51k") >= 2 and "4 runs" in proc.stdout
+    assert "losses measured so far: none" in proc.stdout and not (tmp_path / "mlflow.db").exists()
 
 
 def test_points_that_would_repeat_data_are_refused_before_anything_runs(tmp_path):
@@ -269,6 +270,24 @@ def test_sizes_rule_brackets_the_predicted_optimum(tmp_path):
         load_sweep(write_sweep(tmp_path, name="s3", storage="s3://bucket/x"))
 
 
+def test_budgets_per_family(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, budgets={"arm": [4e9], "mdm": [8e9, 1.6e10]}))
+    points, _ = expand_grid(sweep, vocab_size=512)
+    budgets = {f: sorted({p.spec.budget for p in points if p.spec.family == f}) for f in ("arm", "mdm")}
+    assert budgets == {"arm": [4e9], "mdm": [8e9, 1.6e10]}
+    # a list still serves every family, and the hashes of its points do not depend on how budgets were written
+    as_list = load_sweep(write_sweep(tmp_path, name="list", budgets=[4e9]))
+    as_map = load_sweep(write_sweep(tmp_path, name="map", budgets={"arm": [4e9], "mdm": [4e9]}))
+    assert ({p.spec.run_hash for p in expand_grid(as_list, 512)[0]}
+            == {p.spec.run_hash for p in expand_grid(as_map, 512)[0]})
+    for budgets, message in (({"arm": [4e9], "mdm": [4e9], "xdm": [1e9]}, "budgets: 'xdm' is not one of"),
+                             ({"arm": [4e9]}, "no budgets for family 'mdm'"),
+                             ({"arm": [4e9], "mdm": []}, "budgets.mdm is empty"),
+                             ({"arm": [4e9], "mdm": [-1.0]}, r"budgets.mdm must be positive finite FLOP counts, got \[-1.0\]")):
+        with pytest.raises(SweepError, match=message):
+            load_sweep(write_sweep(tmp_path, name="bad", budgets=budgets))
+
+
 @pytest.mark.slow
 def test_two_sweeps_share_one_store_and_a_prepared_corpus_works(tmp_path):
     """Two drivers start at once on one fresh sqlite store; one trains on a corpus from `isoflop data prepare`."""
@@ -290,3 +309,11 @@ def test_two_sweeps_share_one_store_and_a_prepared_corpus_works(tmp_path):
         meta = json.loads((data / "meta.json").read_text())
         assert {r.data.params["data_fingerprint"] for r in runs} == {meta["fingerprint"]}
         assert all(r.data.metrics["val_loss"] < math.log(meta["vocab_size"]) for r in runs)  # learnt something
+
+
+def test_dry_run_names_the_losses_each_family_reached():
+    from pipeline.sweep import format_loss_ranges
+    both = format_loss_ranges({"mdm": [3.5, 3.1], "arm": [2.9, 3.3, 3.6]})
+    assert "arm 2.9-3.6 (3 runs), mdm 3.1-3.5 (2 runs); overlap 3.1-3.5" in both
+    assert format_loss_ranges({"mdm": [3.5], "arm": [2.9]}).endswith("no overlap")
+    assert "none" in format_loss_ranges({}) and "unknown" in format_loss_ranges(None)
