@@ -12,7 +12,7 @@ import pandas as pd
 
 from analysis.bootstrap import DEFAULT_RESAMPLES
 from analysis.plots import plot_all
-from analysis.report import write_fits, write_report
+from analysis.report import headline, write_fits, write_report
 from analysis.runs import clean, conform, from_mlflow, parse_map, read_table, write_table
 from analysis.study import Settings, analyze
 from pipeline.errors import RunsError
@@ -67,11 +67,9 @@ def run(args: argparse.Namespace) -> int:
     figures = plot_all(study, out)
     fits = write_fits(study, source, out / "fits.json")
     write_report(study, fits, figures, out / "report.md")
-    gap = fits["compute_gap"]
-    if gap:
-        for point in gap["at"]:
-            value = "n/a" if point["gap"] is None else f"{point['gap']:.3g}x"
-            print(f"compute gap {gap['other']}/{gap['reference']} ({gap['frontier']}) at L = {point['loss']:.4g}: {value}")
+    for line in headline(study):
+        if line:
+            print(line.replace("**", ""))
     print(f"analysis done in {time.perf_counter() - start:.1f} s")
     print(f"wrote {out / 'fits.json'}, {out / 'report.md'} and {len(figures)} figures (PNG + PDF) in {out}/")
     return 0
@@ -155,7 +153,7 @@ def _load(args: argparse.Namespace) -> tuple[pd.DataFrame, dict, list[str]]:
         uri = resolve_uri(args.tracking_uri)  # as the sweep resolves it, so both open the same sqlite file
         raw = from_mlflow(args.experiment, uri, finished_only=False)  # clean() names the unfinished ones
         source = {"source": f"MLflow experiment {args.experiment} at {uri}"}
-    table, notes = clean(conform(raw, mapping))
+    table, notes = clean(conform(raw, mapping), mlflow=not args.runs)  # old MLflow runs lack val_mc_stderr
     source.update(n_rows=len(raw), n_runs=len(table), families=sorted(table["family"].unique()))
     return table, source, notes
 

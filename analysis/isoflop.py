@@ -1,6 +1,12 @@
 """Approach 2: a parabola of loss in log N per FLOP budget, then power laws of the optima in C.
 
 The fit and its bootstrap resamples are rows of one loss matrix (row 0: the data) solved at once.
+
+A point is one model size of a curve: the mean loss over its seeds, with a comparison error loss_se
+(analysis/runs.py). A curve whose every point has a positive finite loss_se is fitted by weighted least
+squares (weights 1/loss_se); otherwise unweighted, since a missing or zero error (a single-seed ARM is exact
+given its sequences) says nothing of the training noise between sizes. Bootstrap: a curve whose every point
+has >= 2 seeds resamples the seeds within each point; the other curves resample pooled parabola residuals.
 """
 from __future__ import annotations
 
@@ -101,18 +107,34 @@ class CurveFit(NamedTuple):
 
 def fit_isoflop(params: np.ndarray, tokens: np.ndarray, loss: np.ndarray, labels: np.ndarray,
                 budgets: np.ndarray, n_resamples: int = 0, rng: np.random.Generator | None = None,
-                family: str = "") -> IsoflopFit:
-    """Parabola per bucket and power laws N*(C), D*(C), L*(C), with bootstrap intervals when n_resamples > 0."""
+                family: str = "", loss_se: np.ndarray | None = None,
+                seed_losses: np.ndarray | None = None) -> IsoflopFit:
+    """Parabola per bucket and power laws N*(C), D*(C), L*(C), with bootstrap intervals when n_resamples > 0.
+
+    One entry per point: `loss` its mean over seeds, `loss_se` its comparison error (None: unweighted, no
+    note), `seed_losses` (points, seeds) its seeds' losses, NaN-padded (None: one run per point).
+    """
     x, log_d, loss = np.log(params), np.log(tokens), np.asarray(loss, dtype=float)
     curves = [np.flatnonzero(labels == k) for k in range(len(budgets))]
     curved = [len(np.unique(params[idx])) >= MIN_SIZES for idx in curves]
+    seeds = np.ones(len(loss), dtype=int) if seed_losses is None else np.isfinite(seed_losses).sum(axis=1)
+    weights = [None if loss_se is None else _weights(loss_se[idx]) for idx in curves]
+    replicated = [ok and seeds[idx].min() >= 2 for idx, ok in zip(curves, curved)]
     notes: list[str] = []
     if not any(curved):
         per_budget = ", ".join(f"C={c:.3g}: {len(np.unique(params[idx]))}" for c, idx in zip(budgets, curves))
         notes.append(f"{family}: Approach 2 not applicable: no budget has >= {MIN_SIZES} model sizes "
                      f"(sizes per budget: {per_budget})")
-    samples = _resample_losses(x, loss, curves, curved, n_resamples, rng or np.random.default_rng(0), notes, family)
-    fits = [fit_curve(c, params[idx], log_d[idx], samples[:, idx], family, notes) for c, idx in zip(budgets, curves)]
+    elif loss_se is not None:
+        notes.append(_weighting_note([w is not None for w, ok in zip(weights, curved) if ok], family))
+    if n_resamples > 0 and any(replicated):
+        rest = "" if sum(replicated) == sum(curved) else "; the others resample the parabola residuals"
+        notes.append(f"{family}: {sum(replicated)} of {sum(curved)} IsoFLOP curves have >= 2 seeds at every size: "
+                     f"their bootstrap resamples the seeds within each size{rest}")
+    samples = _resample_losses(x, loss, curves, curved, weights, n_resamples, rng or np.random.default_rng(0),
+                               notes, family, replicated, seed_losses)
+    fits = [fit_curve(c, params[idx], log_d[idx], samples[:, idx], family, notes, w, int(seeds[idx].sum()))
+            for c, idx, w in zip(budgets, curves, weights)]
     buckets = [f.bucket for f in fits]
     if not any(curved):
         return IsoflopFit(applicable=False, buckets=buckets, notes=notes)
@@ -134,14 +156,16 @@ def fit_isoflop(params: np.ndarray, tokens: np.ndarray, loss: np.ndarray, labels
 
 
 def fit_curve(budget: float, params: np.ndarray, log_d: np.ndarray, samples: np.ndarray, family: str = "",
-              notes: list[str] | None = None) -> CurveFit:
-    """The parabola and optimum of one budget's runs; `samples` (R+1, runs) holds the losses, row 0 the data.
+              notes: list[str] | None = None, weights: np.ndarray | None = None,
+              n_runs: int | None = None) -> CurveFit:
+    """The parabola and optimum of one budget's points; `samples` (R+1, points) holds the losses, row 0 the data.
 
-    Problems (too wide a grid, an edge optimum) are appended to `notes`.
+    `weights` (1/loss_se per point) make it weighted least squares; `n_runs` counts the runs behind the
+    points (default: one each). Problems (too wide a grid, an edge optimum) are appended to `notes`.
     """
     notes = [] if notes is None else notes
     sizes = np.unique(params)
-    base = dict(budget=float(budget), n_runs=len(params), n_sizes=len(sizes),
+    base = dict(budget=float(budget), n_runs=len(params) if n_runs is None else n_runs, n_sizes=len(sizes),
                 n_range=(float(sizes.min()), float(sizes.max())))
     rows = len(samples)
     if len(sizes) < MIN_SIZES:
@@ -150,7 +174,7 @@ def fit_curve(budget: float, params: np.ndarray, log_d: np.ndarray, samples: np.
     if sizes.max() / sizes.min() > WIDEST_SPAN:
         notes.append(f"{family}: C={budget:.3g} samples sizes over a {sizes.max() / sizes.min():.0f}x range; "
                      "grids wider than about ±8x around N* bias the parabola's optimum (docs/method.md §6)")
-    q, xs, ls, lds, ok = _parabolas(np.log(params), log_d, samples)
+    q, xs, ls, lds, ok = _parabolas(np.log(params), log_d, samples, weights)
     note = None
     if not ok[0]:
         note = _edge_reason(q, xs[0], sizes)
@@ -184,44 +208,87 @@ def fit_optima_laws(budgets: np.ndarray, optima: np.ndarray, mask: np.ndarray
     return laws, draws
 
 
-def _resample_losses(x, loss, curves, curved, n_resamples, rng, notes, family) -> np.ndarray:
-    """Row 0: the losses; rows 1..R: each parabola's fitted values plus residuals drawn from the pool.
+def _resample_losses(x, loss, curves, curved, weights, n_resamples, rng, notes, family, replicated,
+                     seed_losses) -> np.ndarray:
+    """Row 0: the losses; rows 1..R: resampled losses, of replicated curves from their seeds, of the other
+    curves from their parabolas' residuals."""
+    if n_resamples <= 0 or not any(curved):
+        return loss[None]
+    samples = np.repeat(loss[None], n_resamples + 1, axis=0)
+    residual = [ok and not rep for ok, rep in zip(curved, replicated)]
+    if any(residual):
+        drawn = _residual_draws(x, loss, [c for c, r in zip(curves, residual) if r],
+                                [w for w, r in zip(weights, residual) if r], n_resamples, rng)
+        if drawn is None:
+            which = "curve without replicate seeds" if any(replicated) else "curve"
+            notes.append(f"{family}: every IsoFLOP {which} has exactly 3 runs, so the parabolas leave no residuals "
+                         "to resample: Approach 2 has no intervals")
+            return loss[None]
+        samples[1:, drawn[0]] = drawn[1]
+    if any(replicated):
+        in_curve = np.concatenate([idx for idx, rep in zip(curves, replicated) if rep])
+        samples[1:, in_curve] = _seed_means(seed_losses[in_curve], n_resamples, rng)
+    return samples
+
+
+def _residual_draws(x, loss, curves, weights, n_resamples, rng) -> tuple[np.ndarray, np.ndarray] | None:
+    """(points, (R, points) losses): each parabola's fitted values plus residuals drawn from the pool; None
+    when the parabolas leave no residual degrees of freedom.
 
     The model sizes of an IsoFLOP curve are a design, not a sample: drawing runs with replacement would
     leave a 5-9 point curve with 3-5 distinct sizes and inflate the intervals (coverage ~0.99 for a
     nominal 0.95 on synthetic data). Residuals are pooled over the curves and rescaled for the 3
     parameters each parabola spends.
     """
-    if n_resamples <= 0 or not any(curved):
-        return loss[None]
     fitted = loss.copy()
     residuals, dof = [], 0
-    for idx, ok in zip(curves, curved):
-        if ok:
-            xc = x[idx] - x[idx].mean()
-            fitted[idx] = np.polyval(np.polyfit(xc, loss[idx], 2), xc)
-            residuals.append(loss[idx] - fitted[idx])
-            dof += len(idx) - 3
+    for idx, w in zip(curves, weights):
+        xc = x[idx] - x[idx].mean()
+        fitted[idx] = np.polyval(np.polyfit(xc, loss[idx], 2, w=w), xc)  # the parabola the data row gets
+        residuals.append(loss[idx] - fitted[idx])
+        dof += len(idx) - 3
     if dof == 0:
-        notes.append(f"{family}: every IsoFLOP curve has exactly 3 runs, so the parabolas leave no residuals "
-                     "to resample: Approach 2 has no intervals")
-        return loss[None]
+        return None
     pool = np.concatenate(residuals) * np.sqrt(sum(map(len, residuals)) / dof)
-    in_curve = np.concatenate([idx for idx, ok in zip(curves, curved) if ok])
-    samples = np.repeat(loss[None], n_resamples + 1, axis=0)
-    samples[1:, in_curve] = fitted[in_curve] + pool[rng.integers(0, len(pool), size=(n_resamples, len(in_curve)))]
-    return samples
+    in_curve = np.concatenate(curves)
+    return in_curve, fitted[in_curve] + pool[rng.integers(0, len(pool), size=(n_resamples, len(in_curve)))]
 
 
-def _parabolas(x, log_d, losses):
-    """Quadratic fits of loss on ln N, one per row of `losses` (R, m).
+def _seed_means(seed_losses: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(R, points): each point's mean over its k seeds drawn k times with replacement (a case bootstrap).
+
+    `seed_losses` (points, most seeds) is NaN-padded on the right; draws past a point's k are masked out.
+    """
+    k = np.isfinite(seed_losses).sum(axis=1)
+    width = seed_losses.shape[1]
+    draws = rng.integers(0, k[:, None], size=(n_resamples, len(k), width))
+    picked = seed_losses[np.arange(len(k))[:, None], draws]
+    return np.where(np.arange(width) < k[:, None], picked, 0.0).sum(axis=2) / k
+
+
+def _weights(se: np.ndarray) -> np.ndarray | None:
+    """1/se when every point has a positive finite error, else None (unweighted)."""
+    return 1.0 / se if np.all(np.isfinite(se) & (se > 0)) else None
+
+
+def _weighting_note(weighted: list[bool], family: str) -> str:
+    done, total = sum(weighted), len(weighted)
+    if done == 0:
+        return (f"{family}: IsoFLOP parabolas fitted unweighted: no curve has a positive comparison error "
+                "(replicate seeds or val_mc_stderr) at every size")
+    rest = "" if done == total else "; the others lack a positive error at some size and are fitted unweighted"
+    return f"{family}: {done} of {total} IsoFLOP parabolas weighted by 1/loss_se{rest}"
+
+
+def _parabolas(x, log_d, losses, weights=None):
+    """Quadratic fits of loss on ln N, one per row of `losses` (R, m), weighted by `weights` (m,) when given.
 
     Returns the first row's parabola (q0, q1, q2 in ln N), and per row ln N*, L*, ln D* at N*, and whether
     the minimum is interior: positive curvature and N* within the sampled sizes.
     """
     centre = x.mean()
     xc = x - centre
-    c = np.polynomial.polynomial.polyfit(xc, losses.T, 2).T  # (R, 3): constant, linear, quadratic
+    c = np.polynomial.polynomial.polyfit(xc, losses.T, 2, w=weights).T  # (R, 3): constant, linear, quadratic
     with np.errstate(divide="ignore", invalid="ignore"):
         xs_c = -c[:, 1] / (2 * c[:, 2])
         ls = c[:, 0] - c[:, 1] ** 2 / (4 * c[:, 2])

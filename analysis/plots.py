@@ -15,6 +15,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
 
 from analysis.bootstrap import interval
+from analysis.runs import average_seeds
 from analysis.study import Study
 
 FAMILY_COLOURS = {"arm": "#1f5fa8", "mdm": "#c8402a"}
@@ -57,14 +58,21 @@ def isoflop_curves(study: Study):
     fig = Figure(figsize=(5.2 * len(fams), 4.2))
     axes = fig.subplots(1, len(fams), squeeze=False)
     norm = _budget_norm(study)
+    error_bars = False
     for ax, fam in zip(axes[0], fams):
         runs = fam.runs
+        points = average_seeds(runs)[0]  # what the parabolas were fitted to
         cmap = matplotlib.colormaps[BUDGET_CMAP]
         for k, bucket in enumerate(fam.isoflop.buckets):
             colour = cmap(norm(bucket.budget))
-            sel = runs[runs["bucket"] == k]
+            sel = points[points["bucket"] == k]
             ax.scatter(sel["params"], sel["loss"], s=16, color=colour, alpha=0.8, zorder=3,
                        label=f"C = {bucket.budget:.3g}")
+            known = sel[np.isfinite(sel["loss_se"]) & (sel["loss_se"] > 0)]
+            if len(known):
+                ax.errorbar(known["params"], known["loss"], yerr=known["loss_se"], fmt="none", ecolor=colour,
+                            elinewidth=0.8, capsize=2, alpha=0.8, zorder=3)
+                error_bars = True
             if bucket.parabola is None:
                 continue
             n = np.geomspace(bucket.n_range[0] / 1.3, bucket.n_range[1] * 1.3, 100)
@@ -90,6 +98,8 @@ def isoflop_curves(study: Study):
     for ax in axes[0]:
         legend.update(zip(*reversed(ax.get_legend_handles_labels())))
     legend["optimum N* (95% CI)"] = Line2D([], [], marker="*", ls="", color="grey", mec="k", ms=10)
+    if error_bars:
+        legend["±1 s.e. between sizes (seeds or MC)"] = Line2D([], [], marker="|", ls="", color="grey", ms=10)
     if any(b.edge for fam in fams for b in fam.isoflop.buckets):
         legend["edge optimum (excluded)"] = Line2D([], [], marker="x", ls="", color="k")
     fig.tight_layout()
@@ -209,7 +219,7 @@ def compute_gap(study: Study):
                 if p.gap is not None:
                     ax.errorbar([p.loss], [p.gap], yerr=_err(p.gap, (p.lo, p.hi)),
                                 fmt="o", color=colour, mec="k", capsize=3, zorder=4)
-                    ax.annotate(f"{p.gap:.3g}×", (p.loss, p.gap), textcoords="offset points", xytext=(6, 6),
+                    ax.annotate(f"{p.gap:.3g}×" + (" extrapolated" if p.extrapolated else ""), (p.loss, p.gap), textcoords="offset points", xytext=(6, 6),
                                 fontsize=8)
         ax.set_yscale("log")
         _plain_log_y(ax)

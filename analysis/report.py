@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.bootstrap import LEVEL, interval
-from analysis.frontier import ComputeGap, Frontier, GapPoint
+from analysis.frontier import POWER_LAW, SATURATING, ComputeGap, Frontier, GapPoint
 from analysis.isoflop import BucketOptimum, PowerLaw
 from analysis.parametric import NAMES, ChinchillaLaw, ParametricFit
 from analysis.study import FamilyResult, Settings, Study
@@ -137,11 +137,14 @@ def _report_lines(study: Study, fits: dict, figures: dict[str, list[Path]]) -> l
     s = study.settings
     src = fits["input"]
     pct = f"{LEVEL:.0%}"
-    lines = ["# IsoFLOP scaling analysis", "",
+    lines = ["# IsoFLOP scaling analysis", "", *headline(study), "",
              f"Input: {src.get('source')} ({src.get('n_runs')} usable runs; families: {', '.join(study.families)}). "
              f"Intervals are {pct} percentile bootstrap intervals over {s.bootstrap} resamples (seed {s.seed}): "
              "Approach 2 resamples the parabolas' residuals over the runs (a curve's model sizes are a design, "
-             "kept fixed), Approach 3 resamples runs within each budget. "
+             "kept fixed), or the seeds within each size where every size has two or more; Approach 3 resamples "
+             "points within each budget. Replicate seeds are averaged into one point per size, and a curve whose "
+             "every point has a comparison error (seed-to-seed, else the MDM bound's Monte Carlo error) is fitted "
+             "weighted by it. "
              f"Budgets within {s.budget_tolerance:.0%} of each other form one IsoFLOP curve. "
              "Losses are validation nats/token; N counts non-embedding parameters."
              + (f" E of the Chinchilla law is fixed to {_f(s.floor)} nats/token ({s.floor_source}), not fitted."
@@ -171,6 +174,58 @@ def _report_lines(study: Study, fits: dict, figures: dict[str, list[Path]]) -> l
         for name, paths in figures.items():
             lines += [f"![{name}]({paths[0].name})", f"({paths[1].name})", ""]
     return lines
+
+
+def headline(study: Study) -> list[str]:
+    """The answer first: the gap at a loss both families measured, with its band; or, where their measured
+    losses do not meet, the extrapolated value and how far beyond the measured compute it reaches."""
+    if not study.gaps:
+        reason = "see the notes" if len(study.families) > 1 else "one family only"
+        return [f"**No compute gap** ({reason}).", *loss_ranges(study, POWER_LAW)]
+    gap, lines = study.gaps[0], []
+    frontiers = {name: study.families[name].frontiers[gap.kind] for name in (gap.reference, gap.other)}
+    for p in gap.at:
+        if p.gap is None:
+            lines.append(f"**No compute gap at L = {_f(p.loss)}**: a frontier does not reach that loss.")
+            continue
+        band = "" if p.lo is None or p.hi is None else f"(95% band {_f(p.lo)}–{_f(p.hi)}) "
+        claim = (f"**{gap.other} needs {_f(p.gap)}× {band}the {gap.reference}'s compute to reach "
+                 f"L = {_f(p.loss)} nats/token**")
+        if not p.extrapolated:
+            lines.append(f"{claim}, a loss both families measured ({KIND_NAMES[gap.kind]}).")
+            continue
+        reach = "; ".join(f"the {name} frontier read {_f(factor)}× {side} its measured budgets"
+                          for name, (factor, side) in beyond(frontiers, p.loss).items())
+        lines.append(f"{claim}: **extrapolated**, {reach} ({KIND_NAMES[gap.kind]}).")
+    return lines + loss_ranges(study, gap.kind)
+
+
+KIND_NAMES = {POWER_LAW: "power-law frontiers through the IsoFLOP optima",
+              SATURATING: "saturating frontiers of the Chinchilla laws"}
+
+
+def loss_ranges(study: Study, kind: str) -> list[str]:
+    """The losses each family's frontier covers over its measured budgets, and where they overlap."""
+    spans = {name: fam.frontiers[kind].loss_range for name, fam in study.families.items() if kind in fam.frontiers}
+    if not spans:
+        return []
+    text = ", ".join(f"{name} {_f(lo)}–{_f(hi)}" for name, (lo, hi) in spans.items())
+    lo, hi = max(s[0] for s in spans.values()), min(s[1] for s in spans.values())
+    meet = "" if len(spans) < 2 else f"; overlap {_f(lo)}–{_f(hi)}" if lo <= hi else "; no overlap"
+    return ["", f"Losses measured on the compute-optimal frontiers (nats/token): {text}{meet}."]
+
+
+def beyond(frontiers: dict[str, Frontier], loss: float) -> dict[str, tuple[float, str]]:
+    """Each frontier that must leave its measured budgets to reach `loss`: (by how many times, 'above'|'below')."""
+    out = {}
+    for name, fr in frontiers.items():
+        c = float(np.exp(fr.log_compute(loss)))
+        lo, hi = fr.budget_range
+        if np.isfinite(c) and c > hi:
+            out[name] = (c / hi, "above")
+        elif np.isfinite(c) and c < lo:
+            out[name] = (lo / c, "below")
+    return out
 
 
 def _family_lines(name: str, fam: FamilyResult, fj: dict, entropy: float | None) -> list[str]:

@@ -1,8 +1,23 @@
-"""The runs table: read it from a file or MLflow, rename columns, derive tokens, drop unusable rows.
+"""The runs table: read it from a file or MLflow, rename columns, derive tokens, drop unusable rows, and turn
+runs into the points the fits use.
 
 Schema: family, budget (C, FLOPs), params (N, non-embedding), tokens (D), loss (validation nats/token),
-plus optional run_id, status, flops_convention, entropy_rate_nats, seed and epochs (so replicate seeds can
-be averaged and epochs shown). N and C are counted as in docs/method.md §3, the loss as in §2.
+plus optional run_id, status, flops_convention, entropy_rate_nats, seed, epochs, variant (the recipe values a
+run tried, e.g. "lr=0.002"; "" when none), val_stderr (std/sqrt(n) between validation sequences: the error of
+the absolute level, shared by every run since all are scored on the same sequences) and val_mc_stderr (the
+Monte Carlo error of an MDM's bound given those sequences; 0 for an ARM). N and C are counted as in
+docs/method.md §3, the loss as in §2.
+
+Standard errors: a negative or infinite one is an error. So is one missing in some rows but not others of a
+file the user supplies (no guessing which runs it meant). A column absent or empty throughout is unknown,
+and the fits are then unweighted. From MLflow, runs finished before val_mc_stderr was logged lack it while
+newer ones have it: a family with any run missing it has the column treated as unknown for all its runs
+(with a note), since weighting only some of a curve's points by it would mean nothing.
+
+From runs to points (best_variants, then average_seeds): at each (family, budget, params) the recipe
+variant with the lowest mean loss over its seeds is kept; its seeds are averaged into one point whose
+comparison error loss_se is the std over seeds / sqrt(n_seeds) with >= 2 seeds (seed-to-seed variation,
+MC error included), else val_mc_stderr when known, else NaN. Runs without a seed are points of their own.
 """
 from __future__ import annotations
 
@@ -12,13 +27,17 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import RunsError
-from pipeline.mlflow_keys import FINISHED, HASH_TAG
+from pipeline.mlflow_keys import FINISHED, HASH_TAG, VARIANT_TAG
 
 REQUIRED = ("budget", "params", "loss")
 COLUMNS = ("family", "budget", "params", "tokens", "loss", "run_id", "status", "flops_convention",
-           "entropy_rate_nats", "seed", "epochs")
+           "entropy_rate_nats", "seed", "epochs", "variant", "val_stderr", "val_mc_stderr")
 NUMERIC = ("budget", "params", "tokens", "loss")
-OPTIONAL_NUMERIC = ("entropy_rate_nats", "seed", "epochs")  # numbers, NaN where missing; never drop a run
+STDERRS = ("val_stderr", "val_mc_stderr")
+OPTIONAL_NUMERIC = ("entropy_rate_nats", "seed", "epochs", *STDERRS)  # NaN where missing; never drop a run
+POINT = ("family", "budget", "params", "variant")  # runs sharing these are replicate seeds of one point
+PER_RUN = ("run_id", "status", "seed", *STDERRS)  # columns that describe a run, not its point
+MAX_LISTED = 6  # points named in a note before "and k more"
 
 
 def parse_map(items: list[str] | None) -> dict[str, str]:
@@ -73,6 +92,8 @@ def conform(raw: pd.DataFrame, mapping: dict[str, str] | None = None) -> pd.Data
         raise RunsError("runs table is empty")
     df = df[[c for c in COLUMNS if c in df.columns]].copy()
     df["family"] = df["family"].astype(str).str.strip().str.lower() if "family" in df.columns else "all"
+    if "variant" in df.columns:  # a CSV reads "" back as NaN
+        df["variant"] = df["variant"].fillna("").astype(str).str.strip()
     for column in (*NUMERIC, *OPTIONAL_NUMERIC):
         if column in df.columns:
             df[column] = pd.to_numeric(df[column], errors="coerce")
@@ -83,8 +104,12 @@ def conform(raw: pd.DataFrame, mapping: dict[str, str] | None = None) -> pd.Data
     return df.reset_index(drop=True)
 
 
-def clean(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Keep the rows a fit can use; each dropped group is named in a message."""
+def clean(df: pd.DataFrame, mlflow: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """Keep the rows a fit can use; each dropped group is named in a message.
+
+    Raises RunsError for a bad standard error among them; `mlflow`: the rows come from MLflow, where old runs
+    lack val_mc_stderr (see the module docstring).
+    """
     notes: list[str] = []
     keep = np.ones(len(df), dtype=bool)
     checks = []
@@ -107,7 +132,53 @@ def clean(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         if len(conventions) > 1:
             notes.append(f"runs mix FLOP conventions ({', '.join(map(str, conventions))}): their budgets do not "
                          "measure the same thing")
-    return df[keep].reset_index(drop=True), notes
+    kept = df[keep]
+    for column in (c for c in STDERRS if c in df.columns):
+        _reject_bad(kept, column)
+        if column == "val_mc_stderr" and mlflow:
+            kept = _unknown_where_partial(kept, column, notes)
+        else:
+            _reject_partial(kept, column)
+    return kept.reset_index(drop=True), notes
+
+
+def best_variants(runs: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """At each point keep the runs of the recipe variant with the lowest mean loss over its seeds.
+
+    Returns those runs (variant column kept) and, where some point tried several variants, a note naming
+    the winners.
+    """
+    if "variant" not in runs.columns:
+        return runs, None
+    point = [c for c in POINT[:-1] if c in runs.columns]
+    mean = runs.groupby([*point, "variant"], sort=False)["loss"].mean()
+    per_point = mean.groupby(level=point, sort=False)
+    tried = per_point.size().to_numpy()
+    if tried.max() < 2:
+        return runs, None
+    winners = pd.MultiIndex.from_tuples(per_point.idxmin(), names=[*point, "variant"])
+    keep = pd.MultiIndex.from_frame(runs[[*point, "variant"]]).isin(winners)
+    return runs[keep].reset_index(drop=True), _winners_note(winners[tried > 1], tried[tried > 1])
+
+
+def average_seeds(runs: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+    """One point per (family, budget, params, variant) with known seeds; a run without a seed stays a point.
+
+    Returns the points, in the order their first runs come (a table without replicates gives its runs back),
+    with loss = the mean over seeds and loss_se its comparison error (module docstring), and the seeds'
+    losses as a (points, most seeds) array, NaN-padded on the right.
+    """
+    group = _replicate_groups(runs)
+    by = runs.groupby(group, sort=False)
+    points = by[[c for c in runs.columns if c not in PER_RUN]].first().reset_index(drop=True)
+    n = by.size().to_numpy()
+    points["loss"] = by["loss"].mean().to_numpy()
+    single = by["val_mc_stderr"].first().to_numpy() if "val_mc_stderr" in runs.columns else np.nan
+    spread = by["loss"].std(ddof=1).to_numpy() / np.sqrt(n)
+    points["loss_se"] = np.where(n >= 2, spread, single)
+    seed_losses = np.full((len(points), n.max()), np.nan)
+    seed_losses[group, by.cumcount().to_numpy()] = runs["loss"].to_numpy(dtype=float)
+    return points, seed_losses
 
 
 def load_runs(path: str | Path, mapping: dict[str, str] | None = None) -> tuple[pd.DataFrame, list[str]]:
@@ -138,7 +209,9 @@ def from_mlflow(experiment: str, tracking_uri: str | None = None, finished_only:
                          "loss": metrics.get("val_loss"), "run_id": run.info.run_id, "status": run.info.status,
                          "flops_convention": params.get("flops_convention"),
                          "entropy_rate_nats": params.get("entropy_rate_nats"), "seed": params.get("seed"),
-                         "epochs": params.get("epochs"), "run_hash": run.data.tags[HASH_TAG]})
+                         "epochs": params.get("epochs"), "variant": run.data.tags.get(VARIANT_TAG, ""),
+                         "val_stderr": metrics.get("val_stderr"), "val_mc_stderr": metrics.get("val_mc_stderr"),
+                         "run_hash": run.data.tags[HASH_TAG]})
         token = page.token
         if not token:
             break
@@ -150,10 +223,63 @@ def from_mlflow(experiment: str, tracking_uri: str | None = None, finished_only:
     return df
 
 
+def _replicate_groups(runs: pd.DataFrame) -> np.ndarray:
+    """Point label 0, 1, ... per run, numbered in order of first appearance."""
+    if "seed" not in runs.columns:
+        return np.arange(len(runs))
+    lone = np.where(runs["seed"].isna(), np.arange(len(runs)), -1)  # no seed: not known to be a replicate
+    keys = [c for c in POINT if c in runs.columns]
+    return runs.assign(_lone=lone).groupby([*keys, "_lone"], sort=False, dropna=False).ngroup().to_numpy()
+
+
+def _winners_note(winners: pd.MultiIndex, tried: np.ndarray) -> str:
+    """'best variant per point ...: lr=0.004 at 10, lr=0.002 at 2; C=1e+19 N=4e+07 lr=0.004 (of 3), ...'."""
+    frame = winners.to_frame(index=False)
+    tally = frame["variant"].value_counts()
+    listed = [f"C={r.budget:.3g} N={r.params:.3g} {r.variant or '(none)'} (of {k})"
+              for r, k in zip(frame.head(MAX_LISTED).itertuples(), tried)]
+    more = f", and {len(frame) - MAX_LISTED} more" if len(frame) > MAX_LISTED else ""
+    return (f"best variant per point (lowest mean loss over seeds) at {len(frame)} point(s) with several: "
+            + ", ".join(f"{v or '(none)'} at {k}" for v, k in tally.items()) + "; " + ", ".join(listed) + more)
+
+
+def _reject_bad(rows: pd.DataFrame, column: str) -> None:
+    """A standard error must be finite and >= 0."""
+    values = rows[column]
+    bad = values.notna() & ~((values >= 0) & (values < np.inf))
+    if bad.any():
+        index, value = values[bad].index[0], values[bad].iloc[0]
+        why = "cannot be negative" if value < 0 else "must be finite"
+        raise RunsError(f"{column}: {_label(index, rows.loc[index])} has {value:g}; standard errors {why}")
+
+
+def _reject_partial(rows: pd.DataFrame, column: str) -> None:
+    """A standard error is given for every row or for none."""
+    missing = rows[column].isna()
+    if missing.any() and not missing.all():
+        index = rows.index[missing][0]
+        raise RunsError(f"{column}: {_label(index, rows.loc[index])} has none while {(~missing).sum()} other run(s) "
+                        "have one; give every run a value (0 where the loss is exact) or leave the column out")
+
+
+def _unknown_where_partial(rows: pd.DataFrame, column: str, notes: list[str]) -> pd.DataFrame:
+    """NaN throughout each family where some runs lack `column` and others have it (old and new runs)."""
+    missing = rows[column].isna().groupby(rows["family"]).agg(["sum", "size"])
+    partial = missing[(missing["sum"] > 0) & (missing["sum"] < missing["size"])]
+    for family, (lacking, total) in partial.iterrows():
+        notes.append(f"{family}: {lacking} of {total} runs lack {column} (logged before it existed): treated as "
+                     f"unknown for every {family} run, so its single-seed points are fitted unweighted")
+    return rows.assign(**{column: rows[column].where(~rows["family"].isin(partial.index))})
+
+
+def _label(index: object, row: pd.Series) -> str:
+    return f"run {row['run_id']}" if "run_id" in row and pd.notna(row["run_id"]) else f"row {index}"
+
+
 def _describe(rows: pd.DataFrame, limit: int = 8) -> str:
     def one(index, row) -> str:
-        label = f"run {row['run_id']}" if "run_id" in row and pd.notna(row["run_id"]) else f"row {index}"
-        return f"{label} ({row['family']}, C={row['budget']:.3g}, N={row['params']:.3g}, loss={row['loss']:.4g})"
+        return (f"{_label(index, row)} ({row['family']}, C={row['budget']:.3g}, N={row['params']:.3g}, "
+                f"loss={row['loss']:.4g})")
 
     shown = [one(i, r) for i, r in rows.head(limit).iterrows()]
     more = f", and {len(rows) - limit} more" if len(rows) > limit else ""

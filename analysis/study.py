@@ -13,6 +13,7 @@ from analysis.frontier import (POWER_LAW, SATURATING, Allocation, ComputeGap, Fr
                                compute_gap, power_law_frontier, saturating_frontier)
 from analysis.isoflop import IsoflopFit, bucket_budgets, fit_isoflop
 from analysis.parametric import ParametricFit, fit_parametric
+from analysis.runs import average_seeds, best_variants
 
 
 @dataclass(frozen=True)
@@ -91,23 +92,32 @@ def analyze(table: pd.DataFrame, settings: Settings, log: Callable[[str], None] 
 
 
 def fit_family(name: str, runs: pd.DataFrame, settings: Settings, log, notes: list[str]) -> FamilyResult:
+    """Both approaches on one family's runs; `runs` of the result are those of each point's best variant."""
+    runs, chosen = best_variants(runs)
+    _say([f"{name}: {chosen}"] if chosen else [], notes, log)
     labels, budgets = bucket_budgets(runs["budget"].to_numpy(), settings.budget_tolerance)
     runs = runs.assign(bucket=labels)
-    n, d, loss = (runs[c].to_numpy(dtype=float) for c in ("params", "tokens", "loss"))
+    points, seed_losses = average_seeds(runs)  # the fits see one point per size: replicate seeds averaged
+    n, d, loss, se = (points[c].to_numpy(dtype=float) for c in ("params", "tokens", "loss", "loss_se"))
+    point_labels = points["bucket"].to_numpy()
     rng = family_rng(settings.seed, name)
-    counts = resample_counts(labels, settings.bootstrap, rng) if settings.bootstrap > 0 else None
+    counts = resample_counts(point_labels, settings.bootstrap, rng) if settings.bootstrap > 0 else None
     start = time.perf_counter()
-    log(f"[{name}] {len(runs)} runs at {len(budgets)} budget(s); Approach 2 with {settings.bootstrap} bootstrap resamples")
-    iso = fit_isoflop(n, d, loss, labels, budgets, settings.bootstrap, rng, family=name)
+    averaged = f" ({len(points)} points, replicate seeds averaged)" if len(points) < len(runs) else ""
+    log(f"[{name}] {len(runs)} runs{averaged} at {len(budgets)} budget(s); "
+        f"Approach 2 with {settings.bootstrap} bootstrap resamples")
+    iso = fit_isoflop(n, d, loss, point_labels, budgets, settings.bootstrap, rng, family=name, loss_se=se,
+                      seed_losses=seed_losses)
     _say(iso.notes, notes, log)
     para = None
-    if len(runs) >= 5:
+    if len(points) >= 5:
         log(f"[{name}] Approach 3: L-BFGS from the start grid, then {settings.bootstrap} bootstrap refits")
         para = fit_parametric(n, d, loss, delta=settings.huber_delta, counts=counts, family=name,
                               fixed_e=settings.floor)
         _say(para.notes, notes, log)
     else:
-        _say([f"{name}: Approach 3 needs >= 5 runs, have {len(runs)}; not fitted"], notes, log)
+        _say([f"{name}: Approach 3 needs >= 5 runs (replicate seeds count once), have {len(points)}; not fitted"],
+             notes, log)
     log(f"[{name}] fits and bootstrap done in {time.perf_counter() - start:.1f} s")
 
     result = FamilyResult(name, runs, budgets, iso, para)

@@ -286,6 +286,8 @@ def test_budgets_per_family(tmp_path):
                              ({"arm": [4e9], "mdm": [-1.0]}, r"budgets.mdm must be positive finite FLOP counts, got \[-1.0\]")):
         with pytest.raises(SweepError, match=message):
             load_sweep(write_sweep(tmp_path, name="bad", budgets=budgets))
+    with pytest.raises(SweepError, match=r"train.max_epochs: Input should be greater than 0 \(got 0\)"):
+        load_sweep(write_sweep(tmp_path, name="bad", train={**TRAIN, "max_epochs": 0}))
 
 
 @pytest.mark.slow
