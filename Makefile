@@ -28,7 +28,7 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/isoflop sweep sweeps/demo.yaml
 	$(VENV)/bin/isoflop analyze --experiment demo --tracking-uri sqlite:///$(DEMO)/mlflow.db --out $(DEMO)/analysis \
-		--holdout-largest
+		--holdout-largest --floor entropy
 	@echo
 	@echo "Demo done. Report: $(DEMO)/analysis/report.md  fits: $(DEMO)/analysis/fits.json  plots: $(DEMO)/analysis/*.png"
 	@echo "Browse the runs: $(VENV)/bin/isoflop ui --tracking-uri sqlite:///$(DEMO)/mlflow.db  (http://127.0.0.1:5000)"
