@@ -19,6 +19,7 @@ from ray import tune
 from ray.train.torch import TorchTrainer
 
 from pipeline import tracking
+from pipeline.claim import PointClaim
 from pipeline.config import Resources, RunSpec, SweepConfig, variant_label
 from pipeline.data import load_dataset
 from pipeline.distributed import ensure_process_group
@@ -32,6 +33,7 @@ from pipeline.train import Diverged, Reporter, train
 # A trial that drives a Ray Train worker group only waits, so it holds no CPU (which would keep a 2-worker
 # trial off a 2-core machine); Tune needs it to hold something, so it holds a little memory.
 DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 2**20}
+CLAIM_POLL_SECONDS = 10.0  # how often a trial waiting on another sweep's training of its point looks again
 
 
 @dataclass(frozen=True)
@@ -143,11 +145,12 @@ def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str
         results = run_trials(plan, todo)
     finally:
         ray.shutdown()
-    errors = [r for r in results if r.error is not None]
-    diverged = [r for r in results if r.error is None and r.metrics.get("status") == "diverged"]
-    print(f"sweep {plan.sweep.name}: {len(results) - len(errors) - len(diverged)} trained, {len(diverged)} diverged, "
-          f"{len(errors)} errored; results in MLflow experiment '{plan.sweep.name}' at {plan.tracking_uri}")
-    return 1 if errors or diverged or failed else 0
+    outcome = [r.metrics.get("status") if r.error is None else "errored" for r in results]
+    unfinished = len(outcome) - outcome.count("finished") - outcome.count("skipped")
+    print(f"sweep {plan.sweep.name}: {outcome.count('finished')} trained, {outcome.count('diverged')} diverged, "
+          f"{unfinished - outcome.count('diverged')} errored, {outcome.count('skipped')} finished by another sweep "
+          f"meanwhile; results in MLflow experiment '{plan.sweep.name}' at {plan.tracking_uri}")
+    return 1 if unfinished or failed else 0
 
 
 def format_loss_ranges(losses: dict[str, list[float]] | None) -> str:
@@ -215,7 +218,8 @@ def longest_first(points: list[GridPoint]) -> list[GridPoint]:
 
 
 def run_trial(config: dict, context: SweepContext) -> None:
-    """One grid point, in a Tune function trial: skip it if finished, else train it.
+    """One grid point, in a Tune function trial: skip it if finished, else take its lease (waiting while
+    another sweep trains it) and train it.
 
     A one-worker point trains right here in the trial process: a Ray Train worker group would add an
     actor, a placement group and seconds of start-up to runs that may last seconds. Several workers
@@ -223,10 +227,37 @@ def run_trial(config: dict, context: SweepContext) -> None:
     Either way checkpoints live in {storage}/runs/{run hash}/, so any restart resumes from the last one.
     """
     spec = RunSpec(**config["spec"])
-    status, _ = tracking.run_status(MlflowClient(context.tracking_uri), context.experiment_id, spec.run_hash)
-    if status == FINISHED:  # another sweep finished it since this one was planned
+    claim = claim_point(spec, context)
+    if claim is None:  # another sweep finished it since this one was planned
         tune.report({"status": "skipped"})
         return
+    try:
+        tune.report(train_claimed(spec, config, context))
+    finally:
+        claim.release()
+
+
+def claim_point(spec: RunSpec, context: SweepContext) -> PointClaim | None:
+    """This trial's lease on the point, waiting while another sweep's live trial trains it; None once the
+    point is finished (by this sweep's plan being stale, or by that other trial)."""
+    client = MlflowClient(context.tracking_uri)
+    said = False
+    while True:
+        status, _ = tracking.run_status(client, context.experiment_id, spec.run_hash)
+        if status == FINISHED:
+            return None
+        logger = context.logger(spec)
+        claim = PointClaim(logger.client, logger.run_id)
+        if claim.take():
+            return claim
+        if not said:
+            print(f"[{spec.run_name}] another sweep is training this point (lease {claim.holder()}); waiting", flush=True)
+            said = True
+        time.sleep(CLAIM_POLL_SECONDS)
+
+
+def train_claimed(spec: RunSpec, config: dict, context: SweepContext) -> dict:
+    """Train a point this trial holds: here for one worker, in a Ray Train worker group for several."""
     res = context.resources
     if res.workers_per_trial == 1 and not res.worker_group:
         torch.set_num_threads(max(1, int(res.cpus_per_worker)))
@@ -248,7 +279,7 @@ def run_trial(config: dict, context: SweepContext) -> None:
             raise
         status, reason = tracking.run_status(MlflowClient(context.tracking_uri), context.experiment_id, spec.run_hash)
         outcome = {"status": "finished" if status == FINISHED else reason.split(":")[0] or "failed"}
-    tune.report(outcome)
+    return outcome
 
 
 def train_worker(config: dict) -> None:

@@ -119,6 +119,10 @@ class RunLogger:
             tags = {HASH_TAG: spec.run_hash, VARIANT_TAG: variant, **({PARENT_TAG: parent_id} if parent_id else {})}
             self.run_id = self.client.create_run(experiment_id, run_name=spec.run_name, tags=tags).info.run_id
             self.logged_through = 0
+            first = find_run(self.client, experiment_id, spec.run_hash)
+            if first.info.run_id != self.run_id:  # another process created the point's run at the same moment
+                self.client.delete_run(self.run_id)  # both keep the earliest, so the point has one run
+                self.run_id = first.info.run_id
         else:
             self.run_id = found.info.run_id
             if VARIANT_TAG not in found.data.tags:  # a run begun before variants were recorded

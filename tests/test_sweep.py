@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.distributed import free_port
 from pipeline.errors import SweepError, TrackingError
 from pipeline.grid import expand_grid, load_sweep
+from pipeline.synthetic import synthetic
 
 TRAIN = {"seq_len": 32, "batch_size": 8, "lr": 3e-3, "warmup_min_steps": 2, "min_steps": 10, "zero_stage": 0,
          "checkpoint_every": 10, "log_every": 5, "eval_samples": 2, "val_blocks": 4}
@@ -319,3 +320,25 @@ def test_dry_run_names_the_losses_each_family_reached():
     assert "arm 2.9-3.6 (3 runs), mdm 3.1-3.5 (2 runs); overlap 3.1-3.5" in both
     assert format_loss_ranges({"mdm": [3.5], "arm": [2.9]}).endswith("no overlap")
     assert "none" in format_loss_ranges({}) and "unknown" in format_loss_ranges(None)
+
+
+@pytest.mark.slow
+def test_two_sweeps_started_together_on_one_point_train_it_once(tmp_path):
+    """Both drivers plan the point as not finished; the trial that takes its lease trains it, the other waits,
+    sees it finished and skips it: one run, every step logged once, the final metrics once."""
+    synthetic(tmp_path / "data", tokens=200_000, seed=0)  # prepared once, not raced by the two drivers
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sweeps = []
+    for side in ("a", "b"):  # one experiment, each driver its own sweep file and Ray storage
+        (tmp_path / side).mkdir()
+        sweeps.append(write_sweep(tmp_path / side, name="same", families=["arm"], budgets=[8e9], models=["cpu-26k"],
+                                  data=str(tmp_path / "data"), tracking_uri=uri, storage=str(tmp_path / side / "ray")))
+    drivers = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(p)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for p in sweeps]
+    outputs = [d.communicate(timeout=900)[0] for d in drivers]
+    for driver, output in zip(drivers, outputs):
+        assert driver.returncode == 0, output[-3000:]
+    client, runs = assert_one_finished_run_per_point(uri, "same", 1)
+    assert len(client.get_metric_history(runs[0].info.run_id, "val_loss")) == 1
+    said = " ".join(outputs)
+    assert "1 trained" in said and ("1 finished by another sweep meanwhile" in said or "0 to run" in said), said[-3000:]
