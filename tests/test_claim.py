@@ -11,11 +11,16 @@ from pipeline.claim import Lease, PointClaim
 from pipeline.mlflow_keys import LEASE_TAG
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    client = MlflowClient(f"sqlite:///{tmp_path_factory.mktemp('claims')}/mlflow.db")  # made once: seconds
+    return client, client.create_experiment("claims")
+
+
 @pytest.fixture
-def run(tmp_path, monkeypatch):
+def run(store, monkeypatch):
     monkeypatch.setattr(claim_module, "SETTLE_SECONDS", 0.0)
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    experiment = client.create_experiment("claims")
+    client, experiment = store
     return client, client.create_run(experiment).info.run_id
 
 

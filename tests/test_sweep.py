@@ -126,21 +126,28 @@ def mlflow_server(tmp_path):
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
          "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner: starts and stops in seconds
     uri = f"http://127.0.0.1:{port}"
     try:
         from pipeline.tracking import check_server
 
-        for _ in range(120):
+        for _ in range(240):
             try:
                 check_server(uri, timeout=1)
                 break
             except TrackingError:
                 time.sleep(0.5)
+        else:
+            pytest.fail(f"mlflow server at {uri} did not answer within 2 minutes")
         yield uri
     finally:
         os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a loaded machine: stop it the hard way
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
 
 
 @pytest.mark.slow
