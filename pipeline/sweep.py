@@ -241,19 +241,23 @@ def claim_point(spec: RunSpec, context: SweepContext) -> PointClaim | None:
     """This trial's lease on the point, waiting while another sweep's live trial trains it; None once the
     point is finished (by this sweep's plan being stale, or by that other trial)."""
     client = MlflowClient(context.tracking_uri)
+
+    def finished() -> bool:
+        return tracking.run_status(client, context.experiment_id, spec.run_hash)[0] == FINISHED
+
+    if finished():
+        return None
+    logger = context.logger(spec)  # finds (or creates) the point's run once: its id does not change while waiting
+    claim = PointClaim(logger.client, logger.run_id)
     said = False
-    while True:
-        status, _ = tracking.run_status(client, context.experiment_id, spec.run_hash)
-        if status == FINISHED:
-            return None
-        logger = context.logger(spec)
-        claim = PointClaim(logger.client, logger.run_id)
-        if claim.take():
-            return claim
+    while not claim.take():
         if not said:
             print(f"[{spec.run_name}] another sweep is training this point (lease {claim.holder()}); waiting", flush=True)
             said = True
         time.sleep(CLAIM_POLL_SECONDS)
+        if finished():
+            return None
+    return claim
 
 
 def train_claimed(spec: RunSpec, config: dict, context: SweepContext) -> dict:
