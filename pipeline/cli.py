@@ -97,10 +97,22 @@ def cmd_train(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    if args.submit:
+        from pipeline.jobs import submit_sweep
+
+        if args.dry_run or args.rerun_failed:
+            raise ConfigError("--submit: run --dry-run here without it; --rerun-failed is not passed to a job")
+        return submit_sweep(args.file, address=args.address, tracking_uri=args.tracking_uri)
     from pipeline.sweep import run_sweep
 
     return run_sweep(args.file, address=args.address, tracking_uri=args.tracking_uri, rerun_failed=args.rerun_failed,
                      dry_run=args.dry_run)
+
+
+def cmd_status(args) -> int:
+    from pipeline.jobs import sweep_status
+
+    return sweep_status(args.name, address=args.address)
 
 
 def cmd_runs(args) -> int:
@@ -218,11 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run an IsoFLOP sweep file on Ray (skips finished points, resumes interrupted ones)")
     p.add_argument("file")
-    p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
+    p.add_argument("--address", default=None,
+                   help="an existing Ray cluster, <head-ip>:6379 (default: $RAY_ADDRESS, else start a local one); "
+                        "with --submit its job server, http://<head-ip>:8265")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the file's)")
     p.add_argument("--dry-run", action="store_true", help="print the grid and exit")
     p.add_argument("--rerun-failed", action="store_true", help="run points that failed before again")
+    p.add_argument("--submit", action="store_true",
+                   help="run the sweep as a Ray job on the cluster and return at once (see `isoflop status`)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("status", help="a sweep submitted as a Ray job: its jobs, last progress line and runs")
+    p.add_argument("name", help="the sweep's name (its file's `name:`)")
+    p.add_argument("--address", default=None, help="the Ray job server (default: $RAY_ADDRESS, else http://127.0.0.1:8265)")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("runs", help="export a sweep's runs table from MLflow")
     p.add_argument("--experiment", required=True)

@@ -126,7 +126,11 @@ def resources_error(resources: Resources, cluster: dict) -> str:
 
 def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str | None = None,
               rerun_failed: bool = False, dry_run: bool = False) -> int:
-    """Plan, then train every point not finished yet; the exit code is 1 when any point failed."""
+    """Plan, then train every point not finished yet; the exit code is 1 when any point failed.
+
+    `address` (else $RAY_ADDRESS, which a Ray job's driver has) names a running cluster; None starts a local one.
+    """
+    address = address or os.environ.get("RAY_ADDRESS")
     local = None if address else {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
     plan = plan_sweep(path, tracking_uri, dry_run=dry_run, cluster=None if dry_run else local)
     for reason in plan.dropped:

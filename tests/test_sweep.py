@@ -39,8 +39,8 @@ def write_sweep(tmp_path: Path, name: str = "mini", **overrides) -> Path:
     return path
 
 
-def isoflop(*args, timeout=900, **kwargs):
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+def isoflop(*args, timeout=900, env=None, **kwargs):
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", **(env or {})}
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, **kwargs)
 

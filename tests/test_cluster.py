@@ -1,0 +1,149 @@
+"""A Ray cluster of two nodes on this machine, started the way users start one (`ray start`): a sweep whose
+two-rank points span both nodes survives losing a node, and a sweep submitted as a Ray job outlives the
+shell that submitted it. Slow (a cluster start, then real training), so run in CI with the other slow tests."""
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from test_sweep import TRAIN, assert_one_finished_run_per_point, isoflop, larger_corpus, write_sweep
+
+from pipeline.distributed import free_port
+
+pytestmark = pytest.mark.slow
+RAY = str(Path(sys.executable).with_name("ray"))
+# Every node and client of the cluster shares one token, as on a real cluster (Ray's token authentication)
+AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+
+class RayNodes:
+    """A head and worker nodes, each a `ray start --block` process with 1 CPU; stopping a process stops its node."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        self.temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+        self.address = f"127.0.0.1:{free_port()}"
+        self.job_server = f"http://127.0.0.1:{free_port()}"
+        self.nodes: list[subprocess.Popen] = []
+        self.start_node(head=True)
+
+    def start_node(self, head: bool = False) -> subprocess.Popen:
+        args = [RAY, "start", "--block", "--num-cpus=1", "--num-gpus=0", "--object-store-memory=100000000",
+                "--disable-usage-stats"]
+        if head:
+            args += ["--head", f"--port={self.address.split(':')[1]}", "--node-ip-address=127.0.0.1",
+                     f"--temp-dir={self.temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                     f"--dashboard-port={self.job_server.split(':')[2]}"]
+        else:
+            args += [f"--address={self.address}", "--node-ip-address=127.0.0.1"]
+        log = open(self.logs / f"node{len(self.nodes)}.log", "w")
+        self.nodes.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                           env={**os.environ, **AUTH}))
+        self.wait_for_cpus(sum(node.poll() is None for node in self.nodes))
+        return self.nodes[-1]
+
+    def wait_for_cpus(self, cpus: int, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = subprocess.run([RAY, "status", f"--address={self.address}"], capture_output=True, text=True,
+                                    env={**os.environ, **AUTH})
+            if re.search(rf"/{cpus}\.0 CPU", status.stdout):
+                return
+            time.sleep(2)
+        raise AssertionError(f"the cluster never reached {cpus} CPUs; logs in {self.logs}")
+
+    def kill_raylet(self, node: subprocess.Popen) -> None:
+        """SIGKILL the node's raylet, as a crashed machine would lose it; `ray start --block` then stops the rest."""
+        raylets = [p for p in psutil.Process(node.pid).children(recursive=True) if "raylet" in p.name()]
+        assert raylets, "the node has no raylet process"
+        for raylet in raylets:
+            raylet.send_signal(signal.SIGKILL)
+        node.wait(timeout=60)
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            if node.poll() is None:
+                node.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                for process in psutil.Process(node.pid).children(recursive=True) + [psutil.Process(node.pid)]:
+                    process.kill()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    nodes = RayNodes(tmp_path_factory.mktemp("ray-logs"))
+    nodes.start_node()
+    yield nodes
+    nodes.stop()
+
+
+def latest_checkpoint(storage: Path) -> int:
+    tags = [int(p.read_text().strip().removeprefix("step")) for p in storage.glob("runs/*/checkpoints/latest")]
+    return max(tags, default=0)
+
+
+def test_lost_node_resumes_its_point_from_the_last_checkpoint(tmp_path, cluster):
+    """Two-rank ZeRO-2 points on two one-CPU nodes: one rank per node. SIGKILL the second node's raylet mid-run,
+    start the node again: Ray Train restarts the worker group from the point's last checkpoint."""
+    train = {**TRAIN, "zero_stage": 2, "checkpoint_every": 20, "log_every": 10}
+    path = write_sweep(tmp_path, name="nodes", families=["arm"], budgets=[1e10, 3e10], models=["cpu-26k"], train=train,
+                       data=larger_corpus(tmp_path), resources={"workers_per_trial": 2, "cpus_per_worker": 1,
+                                                                "max_failures": 2})
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(path), "--address", cluster.address],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **AUTH})
+    deadline, killed_at = time.time() + 600, None
+    while time.time() < deadline and driver.poll() is None:
+        if latest_checkpoint(tmp_path / "ray"):
+            cluster.kill_raylet(cluster.nodes[-1])
+            killed_at = latest_checkpoint(tmp_path / "ray")  # no rank can checkpoint again with its peer gone
+            break
+        time.sleep(0.5)
+    assert killed_at, "no checkpoint was written before the sweep ended"
+    time.sleep(5)
+    cluster.start_node()  # capacity returns
+    output, _ = driver.communicate(timeout=900)
+    assert driver.returncode == 0, output[-5000:]
+    client, runs = assert_one_finished_run_per_point(f"sqlite:///{tmp_path}/mlflow.db", "nodes", 2)
+    assert {r.data.params["world_size"] for r in runs} == {"2"}
+    resumed = [r.data.tags.get("isoflop.resumed", "") for r in runs]
+    # the first step after the restart is the last checkpointed one + 1 (steps are counted from 1)
+    assert f"resumed at step {killed_at}" in resumed, (killed_at, resumed, output[-5000:])
+    for run in runs:  # every logged window is there once: nothing trained twice reached the curve
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        assert steps == list(range(1, int(run.data.params["steps"]) + 1)), steps
+
+
+def test_sweep_submitted_as_a_ray_job(tmp_path, cluster):
+    """`isoflop sweep --submit` returns while the job runs on the cluster; a second submit of the same sweep is
+    refused while it runs; `isoflop status` follows it to the end, and each point has one finished run."""
+    path = write_sweep(tmp_path, name="job", families=["arm"], budgets=[4e9, 8e9], models=["cpu-26k"])
+    submit = isoflop("sweep", str(path), "--submit", "--address", cluster.job_server, timeout=120, env=AUTH)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    job_id = re.search(r"submitted as Ray job (\S+);", submit.stdout).group(1)
+    again = isoflop("sweep", str(path), "--submit", "--address", cluster.job_server, timeout=120, env=AUTH)
+    assert again.returncode == 2 and f"already running as Ray job {job_id}" in again.stderr, again.stderr
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = isoflop("status", "job", "--address", cluster.job_server, timeout=120, env=AUTH)
+        assert status.returncode == 0, status.stdout + status.stderr
+        if re.search(rf"job {job_id}: (SUCCEEDED|FAILED|STOPPED)", status.stdout):
+            break
+        time.sleep(5)
+    assert f"job {job_id}: SUCCEEDED" in status.stdout, status.stdout
+    assert "last progress: sweep job: 2 trained, 0 diverged, 0 errored" in status.stdout, status.stdout
+    assert "runs in MLflow: 2 FINISHED" in status.stdout, status.stdout
+    assert_one_finished_run_per_point(f"sqlite:///{tmp_path}/mlflow.db", "job", 2)
+    unknown = isoflop("status", "no-such-sweep", "--address", cluster.job_server, timeout=120, env=AUTH)
+    assert unknown.returncode == 1 and "no Ray job" in unknown.stdout
