@@ -58,6 +58,7 @@ class RayNodes:
             if re.search(rf"/{cpus}\.0 CPU", status.stdout):
                 return
             time.sleep(2)
+        self.stop()
         raise AssertionError(f"the cluster never reached {cpus} CPUs; logs in {self.logs}")
 
     def kill_raylet(self, node: subprocess.Popen) -> None:

@@ -120,34 +120,48 @@ def test_duplicated_points_are_an_error(tmp_path):
         expand_grid(load_sweep(path), vocab_size=300)
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner: starts and stops in seconds
-    uri = f"http://127.0.0.1:{port}"
-    try:
+class MlflowServer:
+    """`mlflow server` on a free port over a sqlite store in `folder`: stop() and start() again keep its data."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
         from pipeline.tracking import check_server
 
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/server.db",
+             "--artifacts-destination", str(self.folder / "server-artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner: starts and stops in seconds
         for _ in range(240):
             try:
-                check_server(uri, timeout=1)
-                break
+                check_server(self.uri, timeout=1)
+                return
             except TrackingError:
                 time.sleep(0.5)
-        else:
-            pytest.fail(f"mlflow server at {uri} did not answer within 2 minutes")
-        yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        self.stop()
+        pytest.fail(f"mlflow server at {self.uri} did not answer within 2 minutes")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, sig)
         try:
-            server.wait(timeout=30)
+            self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:  # a loaded machine: stop it the hard way
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path)
+    yield server.uri
+    server.stop()
 
 
 @pytest.mark.slow
@@ -169,6 +183,30 @@ def test_sweep_over_http_logs_every_point_once_and_reruns_nothing(tmp_path, mlfl
     again = isoflop("sweep", str(path))
     assert again.returncode == 0 and "8 finished" in again.stdout and "0 to run" in again.stdout
     assert_one_finished_run_per_point(mlflow_server, "mini-http", 8)
+
+
+@pytest.mark.slow
+def test_sweep_rides_out_a_tracking_server_restart(tmp_path):
+    """The MLflow server dies mid-sweep and comes back on the same port: MLflow's client retries, trials go on
+    training, and every point ends with one finished run whose curve holds each step once."""
+    server = MlflowServer(tmp_path)
+    try:
+        path = write_sweep(tmp_path, name="mini-blip", families=["arm"], budgets=[8e9, 3e10], tracking_uri=server.uri,
+                           data=larger_corpus(tmp_path))
+        driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(path)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 600
+        while time.time() < deadline and driver.poll() is None and not list((tmp_path / "ray").glob("runs/*/checkpoints")):
+            time.sleep(0.5)
+        assert driver.poll() is None, "the sweep ended before the server could be stopped"
+        server.stop(signal.SIGKILL)
+        time.sleep(10)
+        server.start()
+        output, _ = driver.communicate(timeout=900)
+        assert driver.returncode == 0, output[-4000:]
+        assert_one_finished_run_per_point(server.uri, "mini-blip", 4)
+    finally:
+        server.stop()
 
 
 @pytest.mark.slow
