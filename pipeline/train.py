@@ -58,7 +58,8 @@ class Reporter:
     """Hooks the trainer calls; the default ignores them. Subclasses log to MLflow or Ray."""
 
     def metrics(self, rows: list[dict]) -> None:
-        """Rank 0, every log_every steps: one dict per step (step, loss, lr, tokens, flops, tokens_per_s, mfu)."""
+        """Rank 0, every log_every steps: one dict for the window (step: its last, loss: its mean, lr: its last,
+        tokens, flops, tokens_per_s, and mfu on GPUs), so a tracker's store grows with steps / log_every."""
 
     def checkpoint(self, step: int, directory: Path, metrics: dict) -> None:
         """Every rank, after a checkpoint is saved and all ranks have finished writing it."""
@@ -184,31 +185,32 @@ def train_step(run: Run, step: int) -> tuple[float, float]:
 
 @dataclass
 class LogWindow:
-    """The steps since the last log: averaged over ranks, timed, checked for divergence, then reported."""
+    """The steps since the last log: their loss averaged over steps and ranks, timed, checked for divergence,
+    then reported as one row."""
     run: Run
-    rows: list[dict] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
     clock: float = field(default_factory=time.perf_counter)
 
-    def add(self, step: int, loss: float, lr: float) -> None:
-        self.rows.append({"step": step + 1, "loss": loss, "lr": lr})
+    def add(self, loss: float) -> None:
+        self.losses.append(loss)
 
-    def flush(self, reporter: Reporter, verbose: bool) -> None:
+    def flush(self, reporter: Reporter, step: int, lr: float, verbose: bool) -> None:
+        """`step` and `lr`: the window's last step (counted from 1) and its learning rate."""
         run, plan = self.run, self.run.plan
-        losses = _mean_over_ranks([r["loss"] for r in self.rows], run.world)
-        rate = len(self.rows) * plan.tokens_per_step / (time.perf_counter() - self.clock)
+        loss = _mean_over_ranks(sum(self.losses) / len(self.losses), run.world)
+        rate = len(self.losses) * plan.tokens_per_step / (time.perf_counter() - self.clock)
+        if not math.isfinite(loss):
+            raise Diverged(f"loss became {loss} by step {step}")
+        row = {"step": step, "loss": loss, "lr": lr, "tokens": step * plan.tokens_per_step,
+               "flops": step * plan.tokens_per_step * plan.flops_per_token, "tokens_per_s": rate}
         peak = _peak_flops(run.device) * run.world if run.device.type == "cuda" else None
-        for r, value in zip(self.rows, losses):
-            r.update(loss=value, tokens=r["step"] * plan.tokens_per_step,
-                     flops=r["step"] * plan.tokens_per_step * plan.flops_per_token, tokens_per_s=rate)
-            if peak:
-                r["mfu"] = rate * _real_flops_per_token(run) / peak
-        if not all(math.isfinite(v) for v in losses):
-            raise Diverged(f"loss became {losses[-1]} at step {self.rows[-1]['step']}")
+        if peak:
+            row["mfu"] = rate * _real_flops_per_token(run) / peak
         if run.rank == 0:
-            reporter.metrics(self.rows)
+            reporter.metrics([row])
             if verbose:
-                _print_progress(self.rows[-1], plan, rate)
-        self.rows, self.clock = [], time.perf_counter()
+                _print_progress(row, plan, rate)
+        self.losses, self.clock = [], time.perf_counter()
 
 
 def save_checkpoint(run: Run, step: int) -> None:
@@ -260,10 +262,11 @@ def train(spec: RunSpec, data_dir: str | Path, out_dir: str | Path, *, reporter:
         _announce(run, start)
     window, end = LogWindow(run), steps if stop_at is None else min(stop_at, steps)
     for step in range(start, end):
-        window.add(step, *train_step(run, step))
+        loss, lr = train_step(run, step)
+        window.add(loss)
         done = step + 1
         if done % cfg.log_every == 0 or done == end:
-            window.flush(reporter, verbose)
+            window.flush(reporter, done, lr, verbose)
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (done == end and done < steps):
             save_checkpoint(run, done)
             reporter.checkpoint(done, run.checkpoints, {"step": done})
@@ -289,12 +292,12 @@ def _evaluate(run: Run, val: torch.Tensor) -> tuple[float, float, float]:
     return (*mean_and_stderr(gathered[0]), mc_stderr(gathered[1]))
 
 
-def _mean_over_ranks(values: list[float], world: int) -> list[float]:
+def _mean_over_ranks(value: float, world: int) -> float:
     if world == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64)
+        return value
+    tensor = torch.tensor(value, dtype=torch.float64)
     dist.all_reduce(tensor)
-    return (tensor / world).tolist()
+    return tensor.item() / world
 
 
 def _real_flops_per_token(run: Run) -> float:

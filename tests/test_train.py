@@ -46,7 +46,7 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(corpus, tmp_path):
-    spec = spec_for("mdm", 30, zero_stage=2)
+    spec = spec_for("mdm", 30, zero_stage=2, log_every=1)  # a window per step: every step's loss is compared
     whole, parts = Recorder(), Recorder()
     full = train(spec, corpus, tmp_path / "whole", reporter=whole, verbose=False)
     assert train(spec, corpus, tmp_path / "parts", reporter=parts, stop_at=12, verbose=False) is None
@@ -55,6 +55,14 @@ def test_resume_after_interruption_matches_uninterrupted_run(corpus, tmp_path):
     assert [r["step"] for r in parts.rows] == list(range(1, 31))
     assert [r["loss"] for r in parts.rows] == [r["loss"] for r in whole.rows]  # bit for bit
     assert resumed.val_loss == full.val_loss
+    windows = Recorder()  # log_every changes what is reported, never what is trained
+    train(spec.model_copy(update={"train": spec.train.with_overrides({"log_every": 8})}), corpus, tmp_path / "windows",
+          reporter=windows, verbose=False)
+    assert [r["step"] for r in windows.rows] == [8, 16, 24, 30]
+    per_step = [r["loss"] for r in whole.rows]
+    for row, (lo, hi) in zip(windows.rows, [(0, 8), (8, 16), (16, 24), (24, 30)]):
+        assert row["loss"] == pytest.approx(sum(per_step[lo:hi]) / (hi - lo), rel=1e-12)
+        assert row["lr"] == whole.rows[hi - 1]["lr"] and row["tokens"] == whole.rows[hi - 1]["tokens"]
 
 
 @pytest.mark.slow
