@@ -13,7 +13,7 @@ import pandas as pd
 from analysis.bootstrap import DEFAULT_RESAMPLES
 from analysis.plots import plot_all
 from analysis.report import headline, write_fits, write_report
-from analysis.runs import clean, conform, from_mlflow, parse_map, read_table, write_table
+from analysis.runs import attach_to_sweep, clean, conform, from_mlflow, parse_map, read_table, write_table
 from analysis.study import Settings, analyze
 from pipeline.errors import RunsError
 from pipeline.mlflow_keys import DEFAULT_TRACKING_URI, resolve_uri
@@ -72,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
             print(line.replace("**", ""))
     print(f"analysis done in {time.perf_counter() - start:.1f} s")
     print(f"wrote {out / 'fits.json'}, {out / 'report.md'} and {len(figures)} figures (PNG + PDF) in {out}/")
+    if args.experiment:
+        parents = attach_to_sweep(args.experiment, resolve_uri(args.tracking_uri), out)
+        print(f"attached them to the sweep's MLflow run ({', '.join(parents)}) under analysis/" if parents else
+              f"note: experiment {args.experiment} has no sweep run to attach the outputs to")
     return 0
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import RunsError
-from pipeline.mlflow_keys import FINISHED, HASH_TAG, VARIANT_TAG
+from pipeline.mlflow_keys import FINISHED, HASH_TAG, SWEEP_TAG, VARIANT_TAG
 
 REQUIRED = ("budget", "params", "loss")
 COLUMNS = ("family", "budget", "params", "tokens", "loss", "run_id", "status", "flops_convention",
@@ -221,6 +221,18 @@ def from_mlflow(experiment: str, tracking_uri: str | None = None, finished_only:
     for column in (*NUMERIC, *OPTIONAL_NUMERIC):
         df[column] = pd.to_numeric(df[column], errors="coerce")
     return df
+
+
+def attach_to_sweep(experiment: str, tracking_uri: str, folder: Path) -> list[str]:
+    """Log the analysis outputs in `folder` to the experiment's sweep run(s) under analysis/; their run ids."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    parents = client.search_runs([found.experiment_id], f"tags.`{SWEEP_TAG}` != ''", max_results=100)
+    for run in parents:
+        client.log_artifacts(run.info.run_id, str(folder), "analysis")
+    return [run.info.run_id for run in parents]
 
 
 def _replicate_groups(runs: pd.DataFrame) -> np.ndarray:

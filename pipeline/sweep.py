@@ -50,7 +50,7 @@ class SweepContext:
 
     def logger(self, spec: RunSpec) -> tracking.RunLogger:
         return tracking.RunLogger(self.tracking_uri, self.experiment_id, spec, self.parent_run_id,
-                                  variant_label(spec.train, self.search_keys))
+                                  variant_label(spec.train, self.search_keys), source=f"isoflop sweep {self.name}")
 
 
 @dataclass
@@ -143,18 +143,23 @@ def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str
     todo, failed = pending_points(plan, rerun_failed)
     if not todo:
         return 0 if not failed else 1
+    client = MlflowClient(plan.tracking_uri)
+    parent = tracking.open_sweep_parent(client, plan.experiment_id, plan.sweep.name, Path(path), format_grid(plan.points))
+    status = "KILLED"  # unless the trials come back
     ray.init(address=address, num_cpus=local and local["CPU"], num_gpus=local and local["GPU"],
              include_dashboard=False, log_to_driver=True)
     try:
-        results = run_trials(plan, todo)
+        results = run_trials(plan, todo, parent)
+        outcome = [r.metrics.get("status") if r.error is None else "errored" for r in results]
+        unfinished = len(outcome) - outcome.count("finished") - outcome.count("skipped")
+        status = FAILED if unfinished or failed else FINISHED
     finally:
         ray.shutdown()
-    outcome = [r.metrics.get("status") if r.error is None else "errored" for r in results]
-    unfinished = len(outcome) - outcome.count("finished") - outcome.count("skipped")
+        tracking.close_sweep_parent(client, parent, status)
     print(f"sweep {plan.sweep.name}: {outcome.count('finished')} trained, {outcome.count('diverged')} diverged, "
           f"{unfinished - outcome.count('diverged')} errored, {outcome.count('skipped')} finished by another sweep "
           f"meanwhile; results in MLflow experiment '{plan.sweep.name}' at {plan.tracking_uri}")
-    return 1 if unfinished or failed else 0
+    return 1 if status == FAILED else 0
 
 
 def format_loss_ranges(losses: dict[str, list[float]] | None) -> str:
@@ -191,7 +196,7 @@ def pending_points(plan: SweepPlan, rerun_failed: bool) -> tuple[list[GridPoint]
     return todo, failed
 
 
-def run_trials(plan: SweepPlan, todo: list[GridPoint]):
+def run_trials(plan: SweepPlan, todo: list[GridPoint], parent_run_id: str):
     """One Tune trial per point on the connected Ray cluster, as many at once as its resources hold."""
     sweep = plan.sweep
     concurrent = trials_that_fit(sweep.resources, ray.cluster_resources())
@@ -200,9 +205,7 @@ def run_trials(plan: SweepPlan, todo: list[GridPoint]):
     if sweep.resources.max_concurrent_trials:
         concurrent = min(concurrent, sweep.resources.max_concurrent_trials)
     storage = str(Path(sweep.storage).resolve())
-    client = MlflowClient(plan.tracking_uri)
-    context = SweepContext(sweep.name, plan.tracking_uri, plan.experiment_id,
-                           tracking.sweep_parent(client, plan.experiment_id, sweep.name),
+    context = SweepContext(sweep.name, plan.tracking_uri, plan.experiment_id, parent_run_id,
                            str(Path(sweep.data.path).resolve()), storage, sweep.resources, tuple(sweep.search))
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), trial_resources(sweep.resources))
     tuner = tune.Tuner(

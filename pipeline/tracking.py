@@ -1,6 +1,7 @@
 """MLflow: one run per grid point, found again by its hash, so restarts never duplicate a run."""
 from __future__ import annotations
 
+import getpass
 import json
 import subprocess
 import time
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 
 from pipeline.config import RunSpec
 from pipeline.errors import TrackingError
@@ -70,12 +72,33 @@ def find_run(client: MlflowClient, experiment_id: str, run_hash: str):
     return runs[0] if runs else None
 
 
-def sweep_parent(client: MlflowClient, experiment_id: str, sweep_name: str) -> str:
-    """The sweep's parent run, reused across re-runs of the same sweep."""
+def open_sweep_parent(client: MlflowClient, experiment_id: str, sweep_name: str, sweep_file: Path, grid: str) -> str:
+    """The sweep's parent run (reused across re-runs of the same sweep), RUNNING again, holding the sweep file
+    and its grid; `close_sweep_parent` ends it. `isoflop analyze` attaches its outputs to it."""
     runs = client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_name}'", max_results=1)
     if runs:
-        return runs[0].info.run_id
-    return client.create_run(experiment_id, run_name=f"sweep-{sweep_name}", tags={SWEEP_TAG: sweep_name}).info.run_id
+        run_id = runs[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        tags = {SWEEP_TAG: sweep_name, **standard_tags(f"isoflop sweep {sweep_file.name}")}
+        run_id = client.create_run(experiment_id, run_name=f"sweep-{sweep_name}", tags=tags).info.run_id
+    client.log_artifact(run_id, str(sweep_file))
+    client.log_text(run_id, grid, "grid.txt")
+    return run_id
+
+
+def close_sweep_parent(client: MlflowClient, run_id: str, status: str) -> None:
+    """FINISHED when every point finished, FAILED when any failed, KILLED when the driver was interrupted."""
+    client.set_terminated(run_id, status)
+
+
+def standard_tags(source: str) -> dict[str, str]:
+    """MLflow's own tags, which its UI shows as user, source and version."""
+    tags = {MLFLOW_USER: getpass.getuser(), MLFLOW_SOURCE_NAME: source, MLFLOW_SOURCE_TYPE: "JOB"}
+    commit = git_commit()
+    if commit != "unknown":
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
 
 
 def run_params(spec: RunSpec, plan: BudgetPlan, world_size: int, data) -> dict[str, str]:
@@ -108,15 +131,17 @@ class RunLogger:
     """Get-or-create the MLflow run of one grid point and log to it from rank 0.
 
     On a resumed attempt, metric steps already logged are skipped, so curves never hold duplicates.
-    `variant` is the searched recipe values the point runs with (config.variant_label), "" when none.
+    `variant` is the searched recipe values the point runs with (config.variant_label), "" when none;
+    `source` is what MLflow shows as the run's source.
     """
 
     def __init__(self, uri: str, experiment_id: str, spec: RunSpec, parent_id: str | None = None,
-                 variant: str = ""):
+                 variant: str = "", source: str = "isoflop sweep"):
         self.client = MlflowClient(uri)
         found = find_run(self.client, experiment_id, spec.run_hash)
         if found is None:
-            tags = {HASH_TAG: spec.run_hash, VARIANT_TAG: variant, **({PARENT_TAG: parent_id} if parent_id else {})}
+            tags = {HASH_TAG: spec.run_hash, VARIANT_TAG: variant, **({PARENT_TAG: parent_id} if parent_id else {}),
+                    **standard_tags(source)}
             self.run_id = self.client.create_run(experiment_id, run_name=spec.run_name, tags=tags).info.run_id
             self.logged_through = 0
             first = find_run(self.client, experiment_id, spec.run_hash)

@@ -142,6 +142,8 @@ def test_from_mlflow_reads_child_runs(tmp_path):
     assert main(["--experiment", "sweep", "--tracking-uri", uri, "--out", str(out), "--bootstrap", "10"]) == 0
     assert (out / "fits.json").is_file() and (out / "isoflop_curves.png").is_file()
     assert "status is not FINISHED" in (out / "report.md").read_text()
+    attached = {a.path for a in client.list_artifacts(parent, "analysis")}  # the outputs join the sweep's run
+    assert {"analysis/report.md", "analysis/fits.json", "analysis/runs.csv", "analysis/isoflop_curves.png"} <= attached
 
 
 @pytest.mark.parametrize("flag", [True, False])

@@ -178,8 +178,12 @@ def test_sweep_over_http_logs_every_point_once_and_reruns_nothing(tmp_path, mlfl
         assert key in params, key
     assert {"loss", "lr", "tokens", "flops", "tokens_per_s", "val_loss"} <= set(run.data.metrics)
     assert run.data.tags["mlflow.parentRunId"]
+    assert run.data.tags["mlflow.source.name"] == "isoflop sweep mini-http" and run.data.tags["mlflow.user"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "model.pt", "result.json"} <= artifacts
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])  # the sweep's run: ended, with its file and grid
+    assert parent.info.status == "FINISHED" and parent.data.tags["isoflop.sweep"] == "mini-http"
+    assert {"mini-http.yaml", "grid.txt"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     again = isoflop("sweep", str(path))
     assert again.returncode == 0 and "8 finished" in again.stdout and "0 to run" in again.stdout
     assert_one_finished_run_per_point(mlflow_server, "mini-http", 8)
@@ -241,6 +245,7 @@ def test_sigkilled_driver_loses_nothing_on_rerun(tmp_path):
             assert run.info.run_id == done_before[run.data.tags["isoflop.run_hash"]]
     resumed = [r for r in runs if "resumed at step" in (r.data.tags.get("isoflop.resumed") or "")]
     assert resumed, "the interrupted point should continue from its checkpoint, not step 0"
+    assert client.get_run(runs[0].data.tags["mlflow.parentRunId"]).info.status == "FINISHED"  # reopened, then ended
 
 
 def train_workers_of(driver_pid: int) -> list[psutil.Process]:
@@ -290,6 +295,8 @@ def test_diverged_point_is_marked_failed_and_not_retried(tmp_path):
     _, runs = child_runs(f"sqlite:///{tmp_path}/mlflow.db", "mini-nan")
     assert [r.info.status for r in runs] == ["FAILED"]
     assert runs[0].data.tags["isoflop.failure_reason"].startswith("diverged")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.get_run(runs[0].data.tags["mlflow.parentRunId"]).info.status == "FAILED"  # the sweep's run too
     again = isoflop("sweep", str(path))
     assert again.returncode == 1 and "1 failed" in again.stdout and "0 to run" in again.stdout
     assert len(child_runs(f"sqlite:///{tmp_path}/mlflow.db", "mini-nan")[1]) == 1
