@@ -321,12 +321,16 @@ def train_point(spec: RunSpec, context: SweepContext) -> dict:
         logger.log_params(tracking.run_params(spec, spec.plan(info.vocab_size, info.train_blocks(spec.train.seq_len)),
                                               world, info),
                           {"run": spec.to_dict(), "sweep": context.name})
+    monitor = logger.watch_system() if logger else None
     try:
         result = train(spec, context.data_dir, folder.path, reporter=MlflowReporter(logger))
     except Diverged as err:  # a property of the run, not a crash: recorded and not retried
         if logger:
             logger.fail(f"diverged: {err}")
         return {"status": "diverged"}
+    finally:
+        if monitor:  # on every exit; on success before finish() ends the run, so its last samples are kept
+            monitor.finish()
     if logger:
         logger.finish(asdict(result), folder.files)
     return {"status": "finished"}

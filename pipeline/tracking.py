@@ -137,7 +137,7 @@ class RunLogger:
 
     def __init__(self, uri: str, experiment_id: str, spec: RunSpec, parent_id: str | None = None,
                  variant: str = "", source: str = "isoflop sweep"):
-        self.client = MlflowClient(uri)
+        self.client, self.uri = MlflowClient(uri), uri
         found = find_run(self.client, experiment_id, spec.run_hash)
         if found is None:
             tags = {HASH_TAG: spec.run_hash, VARIANT_TAG: variant, **({PARENT_TAG: parent_id} if parent_id else {}),
@@ -172,6 +172,16 @@ class RunLogger:
             self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
         if rows:
             self.logged_through = max(self.logged_through, rows[-1]["step"])
+
+    def watch_system(self):
+        """MLflow's own monitor of this machine (CPU, memory, disk, network, and GPUs where present), logging
+        `system/...` metrics to the run every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10)
+        until its `finish()`; the steps continue those of an earlier attempt."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.uri)
+        monitor.start()
+        return monitor
 
     def finish(self, result: dict, artifacts: list[Path]) -> None:
         final = [Metric(k, float(result[k]), int(time.time() * 1000), int(result["steps"]))

@@ -167,7 +167,7 @@ def mlflow_server(tmp_path):
 @pytest.mark.slow
 def test_sweep_over_http_logs_every_point_once_and_reruns_nothing(tmp_path, mlflow_server):
     path = write_sweep(tmp_path, name="mini-http", tracking_uri=mlflow_server)
-    proc = isoflop("sweep", str(path))
+    proc = isoflop("sweep", str(path), env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})  # runs last seconds
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[sweep]" in proc.stdout and "ETA" in proc.stdout
     client, runs = assert_one_finished_run_per_point(mlflow_server, "mini-http", 8)
@@ -177,6 +177,7 @@ def test_sweep_over_http_logs_every_point_once_and_reruns_nothing(tmp_path, mlfl
                 "zero_stage", "world_size", "seed", "data_fingerprint", "git_commit", "run_hash", "train.lr"):
         assert key in params, key
     assert {"loss", "lr", "tokens", "flops", "tokens_per_s", "val_loss"} <= set(run.data.metrics)
+    assert any("system/cpu_utilization_percentage" in r.data.metrics for r in runs)  # MLflow's own monitor
     assert run.data.tags["mlflow.parentRunId"]
     assert run.data.tags["mlflow.source.name"] == "isoflop sweep mini-http" and run.data.tags["mlflow.user"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
