@@ -211,11 +211,17 @@ def run_trials(plan: SweepPlan, todo: list[GridPoint], parent_run_id: str):
     tuner = tune.Tuner(
         trainable,
         param_space={"spec": tune.grid_search([p.spec.to_dict() for p in longest_first(todo)])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True,
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage,
                                   failure_config=tune.FailureConfig(max_failures=sweep.resources.max_failures),
                                   callbacks=[SweepProgress(todo)], verbose=0))
     return tuner.fit()
+
+
+def trial_name(trial) -> str:
+    """A trial and its folder are named by the point's run name (family, shape, budget, hash), not its config."""
+    return RunSpec(**trial.config["spec"]).run_name
 
 
 def longest_first(points: list[GridPoint]) -> list[GridPoint]:

@@ -298,6 +298,7 @@ def test_diverged_point_is_marked_failed_and_not_retried(tmp_path):
     assert runs[0].data.tags["isoflop.failure_reason"].startswith("diverged")
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert client.get_run(runs[0].data.tags["mlflow.parentRunId"]).info.status == "FAILED"  # the sweep's run too
+    assert list((tmp_path / "ray").glob(f"mini-nan-*/{runs[0].info.run_name}"))  # Tune's trial folder, by run name
     again = isoflop("sweep", str(path))
     assert again.returncode == 1 and "1 failed" in again.stdout and "0 to run" in again.stdout
     assert len(child_runs(f"sqlite:///{tmp_path}/mlflow.db", "mini-nan")[1]) == 1
