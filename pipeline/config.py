@@ -441,6 +441,20 @@ class SweepConfig(BaseModel):
                                  f"{sorted(self.budgets)}")
         return self
 
+    @model_validator(mode="after")
+    def _seed_and_convention_set_once(self):
+        """The sweep's `seeds:` and `flops_convention:` set every run's; the same keys under `train:` would be
+        overridden, so a file that gives both levels different values is refused rather than read one way."""
+        given = self.train.model_fields_set
+        if "seed" in given and self.seeds != [self.train.seed]:
+            raise ValueError(f"train.seed: {self.train.seed} and seeds: {self.seeds} both set the runs' seed and "
+                             f"disagree; give it once, as seeds: [{self.train.seed}]")
+        if "flops_convention" in given and self.train.flops_convention != self.flops_convention:
+            raise ValueError(f"train.flops_convention: {self.train.flops_convention} and flops_convention: "
+                             f"{self.flops_convention} disagree; give it once, as flops_convention: "
+                             f"{self.train.flops_convention}")
+        return self
+
     def budgets_for(self, family: str) -> list[float]:
         return self.budgets[family] if isinstance(self.budgets, dict) else self.budgets
 

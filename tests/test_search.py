@@ -119,3 +119,20 @@ def test_two_lr_variants_of_one_point_become_two_finished_runs(tmp_path):
     assert sorted(r.data.params["train.lr"] for r in runs) == ["0.002", "0.004"]
     again = isoflop("sweep", str(path))
     assert again.returncode == 0 and "2 finished" in again.stdout and "0 to run" in again.stdout
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train": {**TRAIN, "seed": 3407}}, r"train.seed: 3407 and seeds: \[0\] both set the runs' seed and disagree; "
+                                         r"give it once, as seeds: \[3407\]"),
+    ({"train": {**TRAIN, "seed": 1}, "seeds": [1, 2]}, r"train.seed: 1 and seeds: \[1, 2\]"),
+    ({"train": {**TRAIN, "flops_convention": "palm"}}, "train.flops_convention: palm and flops_convention: 6ND disagree"),
+])
+def test_seed_and_flops_convention_are_set_in_one_place(tmp_path, overrides, message):
+    with pytest.raises(SweepError, match=message):
+        load_sweep(write_sweep(tmp_path, **overrides))
+
+
+def test_seed_and_flops_convention_given_twice_alike_are_accepted(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, train={**TRAIN, "seed": 5, "flops_convention": "palm"}, seeds=[5],
+                                   flops_convention="palm"))
+    assert {p.spec.train.seed for p in expand_grid(sweep, 512)[0]} == {5}
