@@ -145,7 +145,7 @@ def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str
         return 0 if not failed else 1
     client = MlflowClient(plan.tracking_uri)
     parent = tracking.open_sweep_parent(client, plan.experiment_id, plan.sweep.name, Path(path), format_grid(plan.points))
-    status = "KILLED"  # unless the trials come back
+    status = FAILED  # the sweep's run ends FINISHED only when every point did, KILLED when interrupted
     ray.init(address=address, num_cpus=local and local["CPU"], num_gpus=local and local["GPU"],
              include_dashboard=False, log_to_driver=True)
     try:
@@ -153,9 +153,12 @@ def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str
         outcome = [r.metrics.get("status") if r.error is None else "errored" for r in results]
         unfinished = len(outcome) - outcome.count("finished") - outcome.count("skipped")
         status = FAILED if unfinished or failed else FINISHED
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         ray.shutdown()
-        tracking.close_sweep_parent(client, parent, status)
+        client.set_terminated(parent, status)
     print(f"sweep {plan.sweep.name}: {outcome.count('finished')} trained, {outcome.count('diverged')} diverged, "
           f"{unfinished - outcome.count('diverged')} errored, {outcome.count('skipped')} finished by another sweep "
           f"meanwhile; results in MLflow experiment '{plan.sweep.name}' at {plan.tracking_uri}")

@@ -74,22 +74,17 @@ def find_run(client: MlflowClient, experiment_id: str, run_hash: str):
 
 def open_sweep_parent(client: MlflowClient, experiment_id: str, sweep_name: str, sweep_file: Path, grid: str) -> str:
     """The sweep's parent run (reused across re-runs of the same sweep), RUNNING again, holding the sweep file
-    and its grid; `close_sweep_parent` ends it. `isoflop analyze` attaches its outputs to it."""
+    and its grid; the sweep ends it. `isoflop analyze` attaches its outputs to it."""
     runs = client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_name}'", max_results=1)
     if runs:
         run_id = runs[0].info.run_id
         client.update_run(run_id, status="RUNNING")
     else:
-        tags = {SWEEP_TAG: sweep_name, **standard_tags(f"isoflop sweep {sweep_file.name}")}
+        tags = {SWEEP_TAG: sweep_name, **standard_tags(f"isoflop sweep {sweep_name}")}
         run_id = client.create_run(experiment_id, run_name=f"sweep-{sweep_name}", tags=tags).info.run_id
     client.log_artifact(run_id, str(sweep_file))
     client.log_text(run_id, grid, "grid.txt")
     return run_id
-
-
-def close_sweep_parent(client: MlflowClient, run_id: str, status: str) -> None:
-    """FINISHED when every point finished, FAILED when any failed, KILLED when the driver was interrupted."""
-    client.set_terminated(run_id, status)
 
 
 def standard_tags(source: str) -> dict[str, str]:
