@@ -14,7 +14,8 @@ from pathlib import Path
 
 from pipeline.errors import SweepError
 from pipeline.grid import load_sweep
-from pipeline.mlflow_keys import HASH_TAG, resolve_uri
+from pipeline.mlflow_keys import resolve_uri
+from pipeline.tracking import grid_point_runs
 
 DEFAULT_JOB_SERVER = "http://127.0.0.1:8265"  # Ray's dashboard on the head node, as `ray job submit` uses it
 SWEEP_KEY = "isoflop_sweep"                   # job metadata: the sweep a job runs
@@ -89,15 +90,9 @@ def sweep_status(name: str, *, address: str | None) -> int:
 
 def run_counts(uri: str, experiment: str) -> str:
     """'runs in MLflow: 3 FINISHED, 1 RUNNING' for the experiment's grid points."""
-    from mlflow.tracking import MlflowClient
-
-    try:
-        client = MlflowClient(uri)
-        found = client.get_experiment_by_name(experiment)
-        runs = [] if found is None else client.search_runs([found.experiment_id], f"tags.`{HASH_TAG}` != ''",
-                                                           max_results=10000)
-    except Exception as err:  # a store only the cluster reaches
-        return f"runs in MLflow: unknown ({uri} cannot be read from here: {str(err).splitlines()[0]})"
+    runs = grid_point_runs(uri, experiment)
+    if runs is None:
+        return f"runs in MLflow: unknown ({uri} cannot be read from here)"
     counts: dict[str, int] = {}
     for run in runs:
         counts[run.info.status] = counts.get(run.info.status, 0) + 1

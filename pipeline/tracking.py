@@ -202,19 +202,28 @@ def run_status(client: MlflowClient, experiment_id: str, run_hash: str) -> tuple
     return run.info.status, run.data.tags.get(REASON_TAG, "")
 
 
-def measured_losses(uri: str, experiment: str) -> dict[str, list[float]] | None:
-    """Validation losses of the experiment's finished grid points, by family; read only, so a dry run can show
-    them ({} for a store or experiment not created yet, None when the store cannot be read)."""
+def grid_point_runs(uri: str, experiment: str, where: str = "") -> list | None:
+    """The experiment's grid-point runs (`where` narrows them, e.g. by status), read only: [] for a store or
+    experiment not created yet, None when the store cannot be read (an unreachable server fails in seconds,
+    where the client would retry for minutes)."""
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        return {}
+        return []
     try:
         if uri.startswith(("http://", "https://")):
-            check_server(uri)  # fails in seconds where the client would retry for minutes
+            check_server(uri)
         client = MlflowClient(uri)
         found = client.get_experiment_by_name(experiment)
-        runs = [] if found is None else client.search_runs(
-            [found.experiment_id], f"attributes.status = '{FINISHED}' and tags.`{HASH_TAG}` != ''", max_results=10000)
-    except Exception:  # an unreachable server: the dry run still shows the grid
+        query = f"tags.`{HASH_TAG}` != ''" + (f" and {where}" if where else "")
+        return [] if found is None else client.search_runs([found.experiment_id], query, max_results=10000)
+    except Exception:  # an unreachable server, or one only a cluster reaches
+        return None
+
+
+def measured_losses(uri: str, experiment: str) -> dict[str, list[float]] | None:
+    """Validation losses of the experiment's finished grid points, by family, so a dry run can show them
+    ({} before any, None when the store cannot be read: the dry run still shows the grid)."""
+    runs = grid_point_runs(uri, experiment, f"attributes.status = '{FINISHED}'")
+    if runs is None:
         return None
     losses: dict[str, list[float]] = {}
     for run in runs:
