@@ -1,6 +1,7 @@
 """MLflow: one run per grid point, found again by its hash, so restarts never duplicate a run."""
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import subprocess
@@ -114,6 +115,7 @@ def run_params(spec: RunSpec, plan: BudgetPlan, world_size: int, data) -> dict[s
     return {k: str(v) for k, v in params.items()}
 
 
+@functools.cache  # asked for each run's params and tags; the code a process runs does not change under it
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
