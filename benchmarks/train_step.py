@@ -35,7 +35,7 @@ class Timer(Reporter):
 def bare_loop(spec: RunSpec, data, steps: int, warmup: int) -> float:
     cfg, family = spec.train, FAMILIES[spec.family]
     torch.manual_seed(cfg.seed)
-    model = Transformer(family.model_config(spec.shape, data.info.vocab_size, cfg.seq_len))
+    model = Transformer(family.model_config(spec.shape, data.info.vocab_size, cfg.seq_len, cfg.init))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     for step in range(steps):
         if step == warmup:

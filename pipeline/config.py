@@ -42,6 +42,8 @@ class TrainConfig(BaseModel):
     warmup_min_steps: int = Field(100, ge=0, description="SMDM uses 100; tiny CPU runs scale it down")
     min_steps: int = Field(20, ge=1, description="budgets giving fewer steps are refused")
     seed: int = 3407
+    init: Literal["smdm", "normal_0.02"] = Field(
+        "smdm", description="initial weights: SMDM's size-aware rule, or N(0, 0.02) everywhere (runs before this key)")
     zero_stage: int = Field(2, ge=0, le=3)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     flops_convention: FlopsConvention = "6ND"
@@ -124,7 +126,7 @@ def _known_keys(schema: type[BaseModel], path: tuple) -> list[str]:
 
 
 NOT_IDENTITY = {"log_every", "checkpoint_every", "max_epochs"}
-ADDED_KEYS = {"mdm_eval": "time"}  # key: the behaviour runs had before the key existed
+ADDED_KEYS = {"mdm_eval": "time", "init": "normal_0.02"}  # key: the behaviour runs had before the key existed
 
 
 class RunSpec(BaseModel):

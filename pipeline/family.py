@@ -30,12 +30,16 @@ class Family:
     sampling: type             # its sampler's settings (a dataclass): their fields are the options `sample` takes
     score_options: tuple[str, ...] = ()
 
-    def model_config(self, shape: Shape, vocab_size: int, seq_len: int) -> ModelConfig:
-        return ModelConfig(shape, vocab_size, seq_len, self.causal, self.mask_token)
+    def model_config(self, shape: Shape, vocab_size: int, seq_len: int, init: str = "smdm") -> ModelConfig:
+        return ModelConfig(shape, vocab_size, seq_len, self.causal, self.mask_token, init=init)
 
     def training_noise(self, cfg: TrainConfig, step: int, shard: int, micro: int) -> Masking | None:
         """The noise of micro batch `shard` of global batch `step` (None when the loss needs none)."""
         return None
+
+    def validation_passes(self, cfg: TrainConfig) -> int:
+        """Forward passes over each validation sequence."""
+        return 1
 
     def loss(self, model: Transformer, block: torch.Tensor, noise: Masking | None = None) -> torch.Tensor:
         """Loss per sequence (nats/token) of blocks [B, seq_len + 1]."""
@@ -109,6 +113,9 @@ class MDM(Family):
         times = diffusion_times(cfg.batch_size, generator(cfg.seed, step, 0), cfg.t_sampling == "stratified")
         u = torch.rand(micro, cfg.seq_len, generator=generator(cfg.seed, step, 1, shard))
         return masking(times[shard * micro:(shard + 1) * micro], u, cfg.mdm_eps)
+
+    def validation_passes(self, cfg):
+        return cfg.eval_samples  # one per Monte Carlo draw of the bound
 
     def loss(self, model, block, noise):
         """SMDM's bound per sequence: Σ_masked CE / p over all L tokens; its expectation upper-bounds the NLL."""

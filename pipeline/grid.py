@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from pipeline.config import RunSpec, SweepConfig, format_validation_error, variant_label
 from pipeline.errors import BudgetError, DataError, SweepError
+from pipeline.family import FAMILIES
 from pipeline.flops import BudgetPlan
 from pipeline.shapes import CPU_SHAPES, PAPER_SHAPES, Shape, resolve_shape
 
@@ -88,10 +89,19 @@ def expand_grid(sweep: SweepConfig, vocab_size: int, data_fingerprint: str = "",
     return points, dropped
 
 
+def validation_share(point: GridPoint) -> float:
+    """The final validation's FLOPs as a fraction of the run's training FLOPs: forward passes (a third of a
+    training step's FLOPs per token) over val_blocks sequences, once per Monte Carlo draw for an MDM."""
+    cfg, plan = point.spec.train, point.plan
+    passes = FAMILIES[point.spec.family].validation_passes(cfg)
+    return cfg.val_blocks * cfg.seq_len * passes * plan.flops_per_token / 3 / plan.flops
+
+
 def format_grid(points: list[GridPoint]) -> str:
     """The --dry-run table; a `variant` column, and the number of variants, when the sweep searches the recipe."""
     variants = sorted({p.variant for p in points if p.variant})
-    header = f"{'family':<7}{'budget':>10}  {'model':<14}{'N':>15}{'D (tokens)':>18}{'steps':>9}{'D/N':>8}{'epochs':>8}"
+    header = (f"{'family':<7}{'budget':>10}  {'model':<14}{'N':>15}{'D (tokens)':>18}{'steps':>9}{'D/N':>8}{'epochs':>8}"
+              f"{'eval/C':>8}")
     header += "  variant" if variants else ""
     lines = [header, "-" * len(header)]
     for p in points:
@@ -99,7 +109,8 @@ def format_grid(points: list[GridPoint]) -> str:
         n = s.shape.non_embedding_params()
         epochs = "?" if p.plan.epochs is None else f"{p.plan.epochs:.3f}"  # unknown until the data exists
         lines.append(f"{s.family:<7}{s.budget:>10.3g}  {s.shape.label:<14}{n:>15,}{p.plan.tokens:>18,}"
-                     f"{p.plan.steps:>9}{p.plan.tokens / n:>8.1f}{epochs:>8}" + (f"  {p.variant}" if variants else ""))
+                     f"{p.plan.steps:>9}{p.plan.tokens / n:>8.1f}{epochs:>8}{validation_share(p):>8.2%}"
+                     + (f"  {p.variant}" if variants else ""))
     if variants:
         lines.append(f"{len(variants)} recipe variants: every grid point runs once with each")
     return "\n".join(lines)

@@ -6,7 +6,9 @@ one extra input embedding row whose id is vocab_size (MDM). Nothing here knows a
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,7 @@ class ModelConfig:
     causal: bool              # the attention mask
     mask_token: bool          # an extra input id, vocab_size, that stands for a masked token
     rope_base: float = 10000.0
+    init: Literal["smdm", "normal_0.02"] = "smdm"
 
     @property
     def mask_token_id(self) -> int | None:
@@ -31,6 +34,22 @@ class ModelConfig:
     @property
     def input_vocab_size(self) -> int:
         return self.vocab_size + int(self.mask_token)
+
+
+def init_std(name: str, shape: Shape, scheme: str) -> float:
+    """The initial std of the weight matrix `name` (a parameter name of Transformer).
+
+    "smdm", the SMDM code's rule: N(0, sqrt(2 / (5d))) for embeddings, every linear and the head, and
+    N(0, 1 / (sqrt(d) * n_layer)) for the two matrices that write into the residual stream (attention output,
+    MLP down), so a deep stack starts with a residual stream of the same scale at any size.
+    "normal_0.02": N(0, 0.02) everywhere, a scale that suits d ~ 768 only (runs made before `init` existed).
+    """
+    if scheme == "normal_0.02":
+        return 0.02
+    d = shape.d_model
+    if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+        return 1 / (math.sqrt(d) * shape.n_layer)
+    return math.sqrt(2 / (5 * d))
 
 
 class RMSNorm(nn.Module):
@@ -131,12 +150,9 @@ class Transformer(nn.Module):
         cos, sin = rotary_tables(shape.head_size, config.seq_len, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        for name, weight in self.named_parameters():
+            if weight.dim() == 2:  # RMSNorm gains stay at 1
+                nn.init.normal_(weight, mean=0.0, std=init_std(name, shape, config.init))
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, only: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab_size] for token ids [B, T]; with a cache, idx continues the cached prefix.

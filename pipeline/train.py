@@ -143,7 +143,7 @@ def build_run(spec: RunSpec, data_dir: str | Path, out_dir: str | Path) -> Run:
     device = distributed.device_for_rank()
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     torch.manual_seed(cfg.seed)
-    model = Transformer(family.model_config(spec.shape, data.info.vocab_size, cfg.seq_len))
+    model = Transformer(family.model_config(spec.shape, data.info.vocab_size, cfg.seq_len, cfg.init))
     params_total = model.total_params()  # before ZeRO-3 partitions the parameters
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")
