@@ -1,19 +1,21 @@
 """`isoflop export` and the run folder's weights format: an exported ARM is a transformers LlamaForCausalLM with
 our logits, an exported MDM loads back into isoflop, run folders hold safetensors and still read model.pt."""
+import filecmp
 import json
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_word_jsonl
 from safetensors.torch import load_file
 
-from conftest import write_word_jsonl
 from pipeline.cli import main
 from pipeline.config import RunSpec, TrainConfig
 from pipeline.data import load_dataset
 from pipeline.family import FAMILIES
 from pipeline.flops import budget_for_steps
+from pipeline.model import Transformer
 from pipeline.prepare import prepare
 from pipeline.run_folder import LEGACY_WEIGHTS, WEIGHTS, RunFolder, load_trained
 from pipeline.shapes import Shape
@@ -53,8 +55,6 @@ def finished_run(folder: Path, family: str, data: Path, seed: int = 0) -> Path:
     spec = RunSpec(family=family, shape=SHAPE, budget=budget_for_steps(SHAPE, 10, batch_size=8, seq_len=SEQ_LEN),
                    train=cfg)
     torch.manual_seed(seed)
-    from pipeline.model import Transformer
-
     model = Transformer(FAMILIES[family].model_config(SHAPE, info.vocab_size, SEQ_LEN))
     with torch.no_grad():
         for p in model.parameters():
@@ -180,11 +180,18 @@ def test_export_from_mlflow_and_its_errors(corpora, tmp_path, capsys):
     finished = client.create_run(experiment).info.run_id
     for path in RunFolder(run).files:
         client.log_artifact(finished, str(path))
+    legacy = client.create_run(experiment).info.run_id  # finished before run folders held safetensors
+    (tmp_path / "legacy").mkdir()
+    torch.save(load_file(run / WEIGHTS), tmp_path / "legacy" / LEGACY_WEIGHTS)
+    for path in (tmp_path / "legacy" / LEGACY_WEIGHTS, run / "result.json"):
+        client.log_artifact(legacy, str(path))
     unfinished = client.create_run(experiment).info.run_id
     client.log_artifact(unfinished, str(run / "result.json"))  # a description without weights
 
-    code, out, _ = cli(capsys, "export", "--run", finished, "--tracking-uri", uri, "--out", tmp_path / "a")
+    code, _, _ = cli(capsys, "export", "--run", finished, "--tracking-uri", uri, "--out", tmp_path / "a")
     assert code == 0 and (tmp_path / "a" / "model.safetensors").is_file()
+    code, _, _ = cli(capsys, "export", "--run", legacy, "--tracking-uri", uri, "--out", tmp_path / "a-legacy")
+    assert code == 0 and filecmp.cmp(tmp_path / "a" / WEIGHTS, tmp_path / "a-legacy" / WEIGHTS, shallow=False)
     code, _, err = cli(capsys, "export", "--run", unfinished, "--tracking-uri", uri, "--out", tmp_path / "b")
     assert code == 2 and err.count("\n") == 1 and f"--run {unfinished}: no checkpoint" in err and WEIGHTS in err
     assert not (tmp_path / "b").exists()
