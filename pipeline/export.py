@@ -103,7 +103,7 @@ def to_llama(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Te
     out = {theirs: state[ours] for ours, theirs in _renames(n_layer)}
     for i in range(n_layer):
         for name, rows in zip(QKV, state[f"blocks.{i}.attn.qkv.weight"].chunk(3)):
-            out[f"model.layers.{i}.self_attn.{name}.weight"] = rows
+            out[f"model.layers.{i}.self_attn.{name}.weight"] = rows.clone()  # older safetensors refuse shared storage
     return {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in out.items()}
 
 
