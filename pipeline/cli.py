@@ -174,6 +174,19 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from pipeline.export import check_out, export
+    from pipeline.run_folder import load_trained
+
+    check_out(Path(args.out), args.overwrite)  # before a download
+    trained = load_trained(folder=args.checkpoint, run=args.run, tracking_uri=args.tracking_uri, device="cpu")
+    exported = export(trained, args.out, trained.tokenizer(args.data), overwrite=args.overwrite)
+    print(f"wrote {exported.path}: {exported.loads_with}")
+    return 0
+
+
 def _refuse_options(trained, accepted: tuple[str, ...], given: dict) -> None:
     """Options the model's family has no use for are an error, not silently ignored."""
     unused = [f"--{name}" for name, value in given.items() if value is not None and name not in accepted]
@@ -181,16 +194,18 @@ def _refuse_options(trained, accepted: tuple[str, ...], given: dict) -> None:
         raise ConfigError(f"{trained.source} is an {trained.family!r}; {', '.join(unused)} apply to other families only")
 
 
-def _model_source_args(p: argparse.ArgumentParser) -> None:
-    """The options `sample` and `score` share: which model, and where its tokenizer is."""
+def _model_source_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    """The options `sample`, `score` and `export` share: which model, and where its tokenizer is."""
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", metavar="RUN_ID", help="an MLflow run id of a finished grid point")
     source.add_argument("--checkpoint", metavar="DIR",
-                        help="a finished run's folder (`isoflop train --out`, or a sweep's runs/<hash>)")
+                        help="a finished run's folder (`isoflop train --out`, or a sweep's runs/<hash>), "
+                             "or one `isoflop export` wrote")
     p.add_argument("--tracking-uri", metavar="URI", default=None,
                    help=f"with --run (default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
     p.add_argument("--data", metavar="DIR", default=None, help="the data folder whose tokenizer to use (default: the run's)")
-    p.add_argument("--seed", type=int, metavar="S", default=0)
+    if seed:
+        p.add_argument("--seed", type=int, metavar="S", default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, metavar="K", default=128, help="MDM: Monte Carlo draws per continuation")
     p.add_argument("--cfg", type=float, metavar="W", default=0.0, help="MDM: unsupervised classifier-free guidance weight")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("export", help="a trained model as safetensors + config + tokenizer (an ARM as a Hugging Face "
+                                      "LlamaForCausalLM folder)")
+    _model_source_args(p, seed=False)
+    p.add_argument("--out", metavar="DIR", required=True, help="a new or empty folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    p.set_defaults(func=cmd_export)
 
     # `analyze` belongs to the analysis package, which parses its own arguments (see main)
     sub.add_parser("analyze", add_help=False, help="fit scaling laws and the compute gap; plots and report")

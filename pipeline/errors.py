@@ -38,6 +38,10 @@ class RunFolderError(IsoflopError):
     """A trained model that cannot be found or loaded (a run folder or an MLflow run)."""
 
 
+class ExportError(IsoflopError):
+    """An export that cannot be written where asked."""
+
+
 class SamplingError(IsoflopError):
     """Bad sampling or scoring input, found before any network call."""
 

@@ -1,10 +1,11 @@
-"""A finished run's folder: its fp32 weights (`model.pt`) and its description (`result.json`).
+"""A finished run's folder: its fp32 weights (`model.safetensors`) and its description (`result.json`).
 
 Training writes the description last and atomically, so its presence means the run is complete; the
 sweep logs both files to the run's MLflow artifacts. Everything that asks "is this run finished?" or
 loads a trained model (sampling, scoring, benchmarks) goes through here, from a folder or an MLflow run.
 DeepSpeed's own resumable checkpoints are another thing: they live in `checkpoints/` beside these
-files while the run trains, and go once the weights are written.
+files while the run trains, and go once the weights are written. Folders finished before the weights
+moved to safetensors hold `model.pt` instead, and load as before.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from pipeline.config import RunSpec
 from pipeline.data import DatasetInfo, load_tokenizer
@@ -26,7 +29,8 @@ from pipeline.model import Transformer
 from pipeline.shapes import resolve_shape
 from pipeline.tokenizer import Tokenizer
 
-WEIGHTS, DESCRIPTION = "model.pt", "result.json"
+WEIGHTS, DESCRIPTION = "model.safetensors", "result.json"
+LEGACY_WEIGHTS = "model.pt"  # what finished runs held before safetensors: a torch pickle
 
 
 class RunFolder:
@@ -34,9 +38,15 @@ class RunFolder:
         self.path = Path(path)
 
     @property
+    def weights(self) -> Path:
+        """The weights file: model.safetensors, or model.pt in a folder finished before safetensors."""
+        legacy = self.path / LEGACY_WEIGHTS
+        return legacy if legacy.is_file() and not (self.path / WEIGHTS).is_file() else self.path / WEIGHTS
+
+    @property
     def files(self) -> list[Path]:
         """What a finished run's MLflow artifacts hold."""
-        return [self.path / WEIGHTS, self.path / DESCRIPTION]
+        return [self.weights, self.path / DESCRIPTION]
 
     def is_finished(self, run_hash: str | None = None) -> bool:
         """Whether the folder holds a finished run (the run `run_hash`, when given)."""
@@ -47,7 +57,8 @@ class RunFolder:
     def write(self, state: dict[str, torch.Tensor], spec: RunSpec, data: DatasetInfo, result) -> None:
         """fp32 weights, loadable without DeepSpeed, then the description (`result`: a TrainResult)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.float().cpu() for k, v in state.items()}, self.path / WEIGHTS)
+        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}, self.path / WEIGHTS)
+        (self.path / LEGACY_WEIGHTS).unlink(missing_ok=True)  # one weights file: a retrained folder's old one goes
         description = {"spec": spec.identity(), "run_name": spec.run_name, "data": str(data.path),
                        "vocab_size": data.vocab_size, "result": asdict(result)}
         tmp = self.path / f"{DESCRIPTION}.tmp"
@@ -69,8 +80,10 @@ class RunFolder:
             raise RunFolderError(f"checkpoint: {self.path}: no such folder")
         missing = [f.name for f in self.files if not f.is_file()]
         if missing:
-            raise RunFolderError(f"checkpoint: {self.path} has no {' or '.join(missing)} (not a finished run's "
-                                 "folder: training writes result.json last)")
+            state = ("an unfinished run: DeepSpeed checkpoints only" if (self.path / "checkpoints").is_dir()
+                     else "not a finished run's folder")
+            raise RunFolderError(f"checkpoint: {self.path} has no {' or '.join(missing)} ({state}; training writes "
+                                 "result.json last)")
         description = self.description()
         try:
             spec = description["spec"]
@@ -81,12 +94,19 @@ class RunFolder:
             raise RunFolderError(f"checkpoint: {self.path / DESCRIPTION}: unreadable ({type(err).__name__}: {err})") from None
         model = Transformer(config)
         try:
-            model.load_state_dict(torch.load(self.path / WEIGHTS, map_location="cpu", weights_only=True))
-        except (RuntimeError, OSError, EOFError) as err:
-            raise RunFolderError(f"checkpoint: {self.path / WEIGHTS} does not fit {DESCRIPTION}'s model: "
+            model.load_state_dict(read_weights(self.weights))
+        except (RuntimeError, OSError, EOFError, SafetensorError) as err:
+            raise RunFolderError(f"checkpoint: {self.weights} does not fit {DESCRIPTION}'s model: "
                                  f"{str(err).splitlines()[0]}") from None
         return TrainedModel(model.to(device).eval(), family, Path(description["data"]), description,
                             source or str(self.path))
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors, or from a legacy model.pt (unpickled weights-only: tensors, no code)."""
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @dataclass
@@ -96,13 +116,16 @@ class TrainedModel:
     data: Path             # the data folder it trained on (its tokenizer)
     description: dict      # result.json: spec, run_name, data, vocab_size, result
     source: str            # the folder or MLflow run it came from, for messages
+    own_tokenizer: Tokenizer | None = None  # one that came with the model (an exported folder carries its own)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def tokenizer(self, data_dir: str | Path | None = None) -> Tokenizer:
-        """The tokenizer of data_dir, by default of the data folder the run trained on."""
+        """The tokenizer of data_dir, by default the model's own or that of the data folder the run trained on."""
+        if data_dir is None and self.own_tokenizer is not None:
+            return self.own_tokenizer
         if data_dir is None and not (self.data / "meta.json").is_file():
             raise RunFolderError(f"{self.source} trained on {self.data}, which is not here; pass --data DIR "
                                  "(a data folder with the same tokenizer)")
@@ -122,24 +145,29 @@ def load_from_mlflow(run_id: str, tracking_uri: str, device: str | torch.device 
         present = {f.path for f in client.list_artifacts(run_id)}
     except MlflowException as err:
         raise RunFolderError(f"--run {run_id}: not found in {tracking_uri} ({err.message.splitlines()[0]})") from None
-    missing = [name for name in (WEIGHTS, DESCRIPTION) if name not in present]
+    weights = LEGACY_WEIGHTS if LEGACY_WEIGHTS in present and WEIGHTS not in present else WEIGHTS
+    missing = [name for name in (weights, DESCRIPTION) if name not in present]
     if missing:
         raise RunFolderError(f"--run {run_id}: no checkpoint (artifacts lack {', '.join(missing)}; "
                              "the run is unfinished, failed, or not a grid point)")
     with tempfile.TemporaryDirectory(prefix="isoflop-run-") as tmp, _no_progress_bars():
-        for name in (WEIGHTS, DESCRIPTION):
+        for name in (weights, DESCRIPTION):
             client.download_artifacts(run_id, name, tmp)
         return RunFolder(tmp).load(device, source=f"run {run_id}")
 
 
 def load_trained(*, folder: str | Path | None = None, run: str | None = None, tracking_uri: str | None = None,
                  device: str | torch.device | None = None) -> TrainedModel:
-    """A run folder or an MLflow run id (tracking URI: the flag, $MLFLOW_TRACKING_URI, the default store)."""
+    """A run folder, a folder `isoflop export` wrote, or an MLflow run id (tracking URI: the flag,
+    $MLFLOW_TRACKING_URI, the default store)."""
+    # the export format builds on this module, so it is imported here, not at the top
+    from pipeline.export import is_export, load_export
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if (folder is None) == (run is None):
         raise RunFolderError("give exactly one of --checkpoint DIR or --run RUN_ID")
     if folder is not None:
-        return RunFolder(folder).load(device)
+        return load_export(folder, device) if is_export(folder) else RunFolder(folder).load(device)
     return load_from_mlflow(run, resolve_uri(tracking_uri), device)
 
 

@@ -54,6 +54,26 @@ class Tokenizer:
 
         return cls("hf", vocab_size, eos_id, HFTokenizer.from_file(str(path)), name=name)
 
+    def as_hf(self):
+        """This tokenizer as a `tokenizers.Tokenizer` with the same ids, text in and text out, for tools that take
+        that form: a copy of a Hugging Face one; bytes as a byte-level BPE without merges; the synthetic corpus's
+        ids as words named by their decimal number, EOS included (so a prompt is still ids separated by spaces)."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        if self.kind == "hf":
+            return HFTokenizer.from_str(self.hf.to_str())
+        if self.kind == "byte":
+            vocab = {symbol: byte for byte, symbol in enumerate(_byte_symbols())}
+            hf = HFTokenizer(models.BPE({**vocab, EOS: self.eos_id}, []))
+            hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            hf.decoder = decoders.ByteLevel()
+            hf.add_special_tokens([EOS])  # kept whole, as the BPE tokenizers keep theirs
+            return hf
+        hf = HFTokenizer(models.WordLevel({str(i): i for i in range(self.vocab_size)}, unk_token="[UNK]"))
+        hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # no [UNK] in the vocabulary: other words are an error
+        return hf
+
     def save(self, folder: str | Path) -> None:
         """Write `folder`/tokenizer.json for an "hf" tokenizer (bytes and ids need no file)."""
         if self.hf is not None:
@@ -102,6 +122,14 @@ class Tokenizer:
                                 f"separated by spaces (got {word!r})")
             ids.append(int(word))
         return ids
+
+
+def _byte_symbols() -> list[str]:
+    """The character byte-level tokenizers write for each byte 0..255 (GPT-2's table): the printable Latin-1
+    bytes stand for themselves, the other 68 take the characters from 256 on, in byte order."""
+    printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
+    others = iter(range(256, 256 + 256 - len(printable)))
+    return [chr(byte) if byte in printable else chr(next(others)) for byte in range(256)]
 
 
 def _train_bpe(spec: str, documents: Iterable[str]):

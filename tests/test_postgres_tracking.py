@@ -185,7 +185,7 @@ def assert_finished_once(server: PostgresMlflow, experiment: str, points: int):
         for key in LOGGED_ONCE:  # by one trainer's finish, not by each of two
             assert len(client.get_metric_history(run.info.run_id, key)) == 1, (run.info.run_name, key)
         assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri  # proxied by the server
-        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "model.pt", "result.json"}
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "model.safetensors", "result.json"}
     return client, runs
 
 
@@ -209,6 +209,6 @@ def test_two_concurrent_sweeps_on_a_postgres_backed_server_log_each_point_once(t
     result = json.loads(local.read_text())["result"]
     assert result["run_hash"] == run.data.tags["isoflop.run_hash"]
     assert result["val_loss"] == pytest.approx(run.data.metrics["val_loss"])
-    stored = list((server.artifacts / run.info.experiment_id).rglob("model.pt"))
+    stored = list((server.artifacts / run.info.experiment_id).rglob("model.safetensors"))
     assert len(stored) == 10 and all(p.stat().st_size > 0 for p in stored)
 

@@ -298,7 +298,7 @@ def test_cli_sample_and_score(trained, tmp_path, capsys):
     (["sample", "--checkpoint", "{arm}", "--prompt", "1", "--sampler", "reverse"], "is an ARM; --sampler apply to other families only"),
     (["sample", "--checkpoint", "{arm}", "--prompt", "1", "--cfg", "1"], "is an ARM; --cfg"),
     (["sample", "--checkpoint", "{mdm}", "--prompt", "hello"], "give token ids 0..511"),
-    (["sample", "--checkpoint", "{root}", "--prompt", "1"], "has no model.pt or result.json"),
+    (["sample", "--checkpoint", "{root}", "--prompt", "1"], "has no model.safetensors or result.json"),
     (["sample", "--checkpoint", "{root}/missing", "--prompt", "1"], "no such folder"),
     (["score", "--checkpoint", "{arm}", "--tasks", "{tasks}", "--cfg", "1"], "is an ARM; --cfg"),
     (["score", "--checkpoint", "{mdm}", "--tasks", "{root}/none.jsonl"], "no such file"),
@@ -316,7 +316,7 @@ def test_cli_bad_input_is_one_clear_line(trained, tmp_path, capsys, args, messag
 def test_cli_asks_for_the_data_folder_when_the_run_trained_elsewhere(trained, tmp_path, capsys):
     moved = tmp_path / "moved"
     moved.mkdir()
-    shutil.copy(trained["mdm"] / "model.pt", moved)
+    shutil.copy(trained["mdm"] / "model.safetensors", moved)
     description = json.loads((trained["mdm"] / "result.json").read_text())
     (moved / "result.json").write_text(json.dumps({**description, "data": str(tmp_path / "elsewhere")}))
     code, _, err = cli(capsys, "sample", "--checkpoint", moved, "--prompt", "450", "--length", 4)
@@ -334,7 +334,7 @@ def test_cli_loads_a_run_from_mlflow(trained, tmp_path, capsys):
     client = MlflowClient(uri)
     experiment = prepare_store(uri, "sampling")
     finished = client.create_run(experiment).info.run_id
-    for name in ("model.pt", "result.json"):
+    for name in ("model.safetensors", "result.json"):
         client.log_artifact(finished, str(trained["mdm"] / name))
     unfinished = client.create_run(experiment).info.run_id
     code, out, _ = cli(capsys, "sample", "--run", finished, "--tracking-uri", uri, "--prompt", "450", "--length", 4)

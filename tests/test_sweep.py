@@ -181,7 +181,7 @@ def test_sweep_over_http_logs_every_point_once_and_reruns_nothing(tmp_path, mlfl
     assert run.data.tags["mlflow.parentRunId"]
     assert run.data.tags["mlflow.source.name"] == "isoflop sweep mini-http" and run.data.tags["mlflow.user"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.json", "model.pt", "result.json"} <= artifacts
+    assert {"config.json", "model.safetensors", "result.json"} <= artifacts
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])  # the sweep's run: ended, with its file and grid
     assert parent.info.status == "FINISHED" and parent.data.tags["isoflop.sweep"] == "mini-http"
     assert {"mini-http.yaml", "grid.txt"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}

@@ -74,7 +74,7 @@ def test_tiny_models_learn_well_below_log_v(corpus, tmp_path, family):
     spec = spec_for(family, 150, batch_size=16, seq_len=64)
     result = train(spec, corpus, tmp_path, verbose=False)
     assert result.val_loss < 0.8 * math.log(info.vocab_size), result
-    assert (tmp_path / "model.pt").exists() and json.loads((tmp_path / "result.json").read_text())["result"]["steps"] == 150
+    assert (tmp_path / "model.safetensors").exists() and json.loads((tmp_path / "result.json").read_text())["result"]["steps"] == 150
 
 
 def run_cli(*args, timeout=600):
