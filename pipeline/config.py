@@ -49,6 +49,9 @@ class TrainConfig(BaseModel):
     flops_convention: FlopsConvention = "6ND"
     mdm_eps: float = Field(1e-3, gt=0, lt=1)
     t_sampling: Literal["stratified", "iid"] = "stratified"
+    mdm_masking: Literal["time", "count"] = Field(
+        "time", description="how the MDM's training loss masks a sequence: each token with probability t (SMDM), or "
+                            "exactly l tokens with weight L/l (the same bound, a lower-variance gradient)")
     eval_samples: int = Field(128, gt=0, description="Monte Carlo draws per sequence for the MDM bound")
     mdm_eval: Literal["time", "count"] = Field(
         "time", description="how the MDM's validation bound is estimated: a mask probability from a time t per draw "
@@ -126,7 +129,7 @@ def _known_keys(schema: type[BaseModel], path: tuple) -> list[str]:
 
 
 NOT_IDENTITY = {"log_every", "checkpoint_every", "max_epochs"}
-ADDED_KEYS = {"mdm_eval": "time", "init": "normal_0.02"}  # key: the behaviour runs had before the key existed
+ADDED_KEYS = {"mdm_eval": "time", "init": "normal_0.02", "mdm_masking": "time"}  # key: the behaviour runs had before the key existed
 
 
 class RunSpec(BaseModel):

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from pipeline.config import TrainConfig
 from pipeline.errors import SamplingError
 from pipeline.model import ModelConfig, Transformer
-from pipeline.noise import Masking, MonteCarlo, diffusion_times, draws, generator, masking
+from pipeline.noise import (Masking, MonteCarlo, count_masking, diffusion_times, draws, generator, mask_counts,
+                            masking)
 from pipeline.sampling import ArmSampling, MdmSampling, Sample, arm_sample, guided_logits, mdm_sample
 from pipeline.shapes import Shape
 
@@ -109,10 +110,14 @@ class MDM(Family):
     score_options = ("samples", "cfg")
 
     def training_noise(self, cfg, step, shard, micro):
-        # one stratified set of times for the global batch, so every rank draws it and takes its slice
-        times = diffusion_times(cfg.batch_size, generator(cfg.seed, step, 0), cfg.t_sampling == "stratified")
+        # one stratified set of times (or counts) for the global batch, so every rank draws it and takes its slice
+        stratified, rows = cfg.t_sampling == "stratified", slice(shard * micro, (shard + 1) * micro)
         u = torch.rand(micro, cfg.seq_len, generator=generator(cfg.seed, step, 1, shard))
-        return masking(times[shard * micro:(shard + 1) * micro], u, cfg.mdm_eps)
+        if cfg.mdm_masking == "count":
+            counts = mask_counts(cfg.batch_size, cfg.seq_len, generator(cfg.seed, step, 0), stratified)
+            return count_masking(counts[rows], u)
+        times = diffusion_times(cfg.batch_size, generator(cfg.seed, step, 0), stratified)
+        return masking(times[rows], u, cfg.mdm_eps)
 
     def validation_passes(self, cfg):
         return cfg.eval_samples  # one per Monte Carlo draw of the bound

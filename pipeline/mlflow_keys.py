@@ -5,9 +5,11 @@ Imports nothing of the project (nor MLflow), so the analysis package can share i
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's own default store
+EARLIER_DEFAULT_URI = "sqlite:///mlruns.db"   # isoflop's default before it followed MLflow's
 
 HASH_TAG = "isoflop.run_hash"          # on every grid point's run; the sweep's parent run has none
 SWEEP_TAG = "isoflop.sweep"            # on the sweep's parent run
@@ -25,6 +27,15 @@ def resolve_uri(uri: str | None = None, default: str = DEFAULT_TRACKING_URI) -> 
     """The flag, else $MLFLOW_TRACKING_URI, else `default` (a sweep file's value); sqlite paths made absolute,
     so the sweep's Ray workers and a later `isoflop analyze` from another folder open the same file."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default
+    if uri == DEFAULT_TRACKING_URI and not _sqlite_file(uri).exists() and _sqlite_file(EARLIER_DEFAULT_URI).exists():
+        # runs tracked under the earlier default stay findable where they are
+        print(f"tracking: using {_sqlite_file(EARLIER_DEFAULT_URI)}, the default store of earlier isoflop versions "
+              f"({_sqlite_file(uri).name}, MLflow's default, does not exist here)", file=sys.stderr)
+        uri = EARLIER_DEFAULT_URI
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     return uri
+
+
+def _sqlite_file(uri: str) -> Path:
+    return Path(uri.removeprefix("sqlite:///"))

@@ -150,9 +150,13 @@ class Transformer(nn.Module):
         cos, sin = rotary_tables(shape.head_size, config.seq_len, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Every weight matrix from N(0, init_std); RMSNorm gains stay at 1."""
         for name, weight in self.named_parameters():
-            if weight.dim() == 2:  # RMSNorm gains stay at 1
-                nn.init.normal_(weight, mean=0.0, std=init_std(name, shape, config.init))
+            if weight.dim() == 2:
+                nn.init.normal_(weight, mean=0.0, std=init_std(name, self.config.shape, self.config.init))
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, only: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab_size] for token ids [B, T]; with a cache, idx continues the cached prefix.

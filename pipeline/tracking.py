@@ -4,7 +4,9 @@ from __future__ import annotations
 import functools
 import getpass
 import json
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -135,6 +137,7 @@ class RunLogger:
     def __init__(self, uri: str, experiment_id: str, spec: RunSpec, parent_id: str | None = None,
                  variant: str = "", source: str = "isoflop sweep"):
         self.client, self.uri = MlflowClient(uri), uri
+        self.experiment_id, self.spec = experiment_id, spec
         found = find_run(self.client, experiment_id, spec.run_hash)
         if found is None:
             tags = {HASH_TAG: spec.run_hash, VARIANT_TAG: variant, **({PARENT_TAG: parent_id} if parent_id else {}),
@@ -181,15 +184,38 @@ class RunLogger:
         return monitor
 
     def finish(self, result: dict, artifacts: list[Path]) -> None:
-        final = [Metric(k, float(result[k]), int(time.time() * 1000), int(result["steps"]))
+        for path in artifacts:
+            self.client.log_artifact(self.run_id, str(path))
+        model_id = self.log_model(artifacts)
+        # the final metrics belong to the run and to its logged model (MLflow's model view shows them)
+        final = [Metric(k, float(result[k]), int(time.time() * 1000), int(result["steps"]), model_id=model_id)
                  for k in ("val_loss", "val_stderr", "val_mc_stderr", "tokens_per_s", "seconds")]
         tags = [RunTag(REASON_TAG, "")]
         if result["resumed_from_step"]:
             tags.append(RunTag(RESUMED_TAG, f"resumed at step {result['resumed_from_step']}"))
         self.client.log_batch(self.run_id, metrics=final, tags=tags)
-        for path in artifacts:
-            self.client.log_artifact(self.run_id, str(path))
         self.client.set_terminated(self.run_id, FINISHED)
+
+    def log_model(self, artifacts: list[Path]) -> str:
+        """The final weights as an MLflow logged model of this run (what `mlflow.search_logged_models` lists),
+        named by the run (MLflow refuses '.' in model names: 1.00e+11 becomes 1_00e+11) and holding its final
+        files; once per run, however often the point is resumed."""
+        found = self.client.search_logged_models(experiment_ids=[self.experiment_id],
+                                                 filter_string=f"source_run_id = '{self.run_id}'")
+        if found and found[0].status == "READY":
+            return found[0].model_id
+        spec = self.spec
+        params = {"family": spec.family, "shape": spec.shape.label, "budget": f"{spec.budget:g}",
+                  "run_hash": spec.run_hash, "non_embedding_params": str(spec.shape.non_embedding_params())}
+        model = found[0] if found else self.client.create_logged_model(
+            self.experiment_id, name=spec.run_name.replace(".", "_"), source_run_id=self.run_id, params=params,
+            tags={HASH_TAG: spec.run_hash}, model_type=f"isoflop-{spec.family}")
+        with tempfile.TemporaryDirectory() as folder:
+            for path in artifacts:
+                shutil.copy(path, folder)
+            self.client.log_model_artifacts(model.model_id, folder)
+        self.client.finalize_logged_model(model.model_id, "READY")
+        return model.model_id
 
     def fail(self, reason: str) -> None:
         self.client.set_tag(self.run_id, REASON_TAG, reason[:5000])

@@ -35,3 +35,18 @@ def test_an_unknown_shape_names_the_value_and_a_near_miss(capsys):
     assert cli.main(["train", "--family", "mdm", "--model", "cpu-26K", "--flops", "1e12", "--data", "/x", "--out", "/y"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown shape 'cpu-26K'" in err and "did you mean 'cpu-26k'" in err
+
+
+def test_default_store_is_mlflows_and_an_earlier_default_store_stays_found(tmp_path, monkeypatch, capsys):
+    from pipeline.mlflow_keys import DEFAULT_TRACKING_URI, resolve_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
+    assert resolve_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "mlruns.db").write_bytes(b"")  # runs tracked before the default changed
+    assert resolve_uri() == f"sqlite:///{tmp_path / 'mlruns.db'}"
+    assert "earlier isoflop versions" in capsys.readouterr().err
+    (tmp_path / "mlflow.db").write_bytes(b"")  # once MLflow's default exists, it wins
+    assert resolve_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert resolve_uri("sqlite:///other.db") == f"sqlite:///{tmp_path / 'other.db'}"

@@ -213,6 +213,17 @@ def test_training_noise_is_the_global_batch_however_it_is_split():
     assert not torch.equal(MDM.training_noise(cfg, step=4, shard=0, micro=8).p, whole.p)
 
 
+def test_count_masking_trains_on_exactly_l_tokens_spread_over_the_global_batch():
+    """mdm_masking=count: row i masks exactly l_i tokens (weight L/l_i), the counts stratified over the global batch."""
+    cfg = TrainConfig(seq_len=16, batch_size=8, mdm_masking="count")
+    whole = MDM.training_noise(cfg, step=3, shard=0, micro=8)
+    counts = whole.masked.sum(dim=1)
+    assert torch.equal(whole.p, counts.float() / 16)
+    assert sorted(counts.tolist()) == [c + counts.min().item() for c in range(0, 16, 2)]  # one count per stratum
+    halves = [MDM.training_noise(cfg, step=3, shard=s, micro=4) for s in (0, 1)]
+    assert torch.equal(torch.cat([h.masked.sum(dim=1) for h in halves]), counts)
+
+
 # Where a family could be asked for by name or by its attention mask; model.py implements the mask itself.
 BRANCH = re.compile(r"""[=!]=\s*["'](arm|mdm)["']|["'](arm|mdm)["']\s*[=!]=|\bin\s*\(["'](arm|mdm)|\.causal\b""")
 

@@ -60,6 +60,12 @@ def assert_one_finished_run_per_point(uri: str, experiment: str, points: int):
     for run in runs:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
         assert steps == sorted(set(steps)) and steps[-1] == int(run.data.params["steps"])  # no duplicated points
+        assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 1
+    # each final model once, as an MLflow logged model of its run holding the run's final files
+    models = client.search_logged_models(experiment_ids=[runs[0].info.experiment_id])
+    assert sorted(m.source_run_id for m in models) == sorted(r.info.run_id for r in runs)
+    assert {m.status for m in models} == {"READY"}
+    assert {f.path for f in client.list_logged_model_artifacts(models[0].model_id)} >= {"result.json"}
     return client, runs
 
 
