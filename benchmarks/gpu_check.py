@@ -41,7 +41,7 @@ def main() -> None:
             for family in FAMILIES:
                 cfg = TrainConfig(seq_len=2048, batch_size=4 * args.micro_batch, micro_batch_size=args.micro_batch,
                                   lr=2e-4, warmup_min_steps=5, log_every=10, checkpoint_every=0, eval_samples=1,
-                                  val_blocks=1, zero_stage=0, precision="bf16")
+                                  val_blocks=1, zero_stage=2, precision="bf16")
                 shape = resolve_shape(name)
                 budget = budget_for_steps(shape, args.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
                 spec = RunSpec(family=family, shape=shape, budget=budget, train=cfg)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline import deepspeed_settings
 from pipeline.errors import BudgetError, ConfigError, DataError, SweepError, did_you_mean
 from pipeline.flops import BudgetPlan, FlopsConvention, plan_budget
 from pipeline.mlflow_keys import DEFAULT_TRACKING_URI
@@ -45,7 +46,8 @@ class TrainConfig(BaseModel):
     init: Literal["smdm", "normal_0.02"] = Field(
         "smdm", description="initial weights: SMDM's size-aware rule, or N(0, 0.02) everywhere (runs before this key)")
     zero_stage: int = Field(2, ge=0, le=3)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 compute over fp32 master weights, or fp32; auto: bf16 on a GPU with zero_stage >= 1")
     flops_convention: FlopsConvention = "6ND"
     mdm_eps: float = Field(1e-3, gt=0, lt=1)
     t_sampling: Literal["stratified", "iid"] = "stratified"
@@ -60,8 +62,27 @@ class TrainConfig(BaseModel):
                                                      "needing more is refused before it trains")
     val_blocks: int = Field(64, gt=0, description="held-out sequences in the validation set")
     eval_batch_size: int = Field(16, gt=0)
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="DeepSpeed settings passed to the engine "
+                                      "(pipeline/deepspeed_settings.py); only those that can change numbers are identity")
+    compile: bool = Field(False, description="torch.compile the model (through DeepSpeed's engine.compile): "
+                                              "faster steps after a compile of tens of seconds; the same run")
     checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints; 0 = only at the end")
     log_every: int = Field(10, gt=0)
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _known_deepspeed_settings(cls, block):
+        return deepspeed_settings.validate(block)
+
+    @model_validator(mode="after")
+    def _bf16_keeps_fp32_master_weights(self):
+        if self.precision == "bf16" and self.zero_stage == 0:
+            raise ValueError("precision=bf16 needs zero_stage >= 1: there DeepSpeed keeps fp32 master weights that the "
+                             "final model can be taken from (got zero_stage=0)")
+        return self
+
+    def bf16_on(self, device_type: str) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda" and self.zero_stage >= 1)
 
     def warmup_steps(self, steps: int) -> int:
         return max(math.ceil(self.warmup_fraction * steps), self.warmup_min_steps)
@@ -128,7 +149,7 @@ def _known_keys(schema: type[BaseModel], path: tuple) -> list[str]:
     return list(schema.model_fields)
 
 
-NOT_IDENTITY = {"log_every", "checkpoint_every", "max_epochs"}
+NOT_IDENTITY = {"log_every", "checkpoint_every", "max_epochs", "compile"}
 ADDED_KEYS = {"mdm_eval": "time", "init": "normal_0.02", "mdm_masking": "time"}  # key: the behaviour runs had before the key existed
 
 
@@ -159,6 +180,9 @@ class RunSpec(BaseModel):
         runs had, so that finished runs keep their hashes."""
         train = {key: value for key, value in self.train.model_dump(exclude=NOT_IDENTITY).items()
                  if key not in ADDED_KEYS or ADDED_KEYS[key] != value}
+        train["deepspeed"] = deepspeed_settings.numeric_part(train["deepspeed"])
+        if not train["deepspeed"]:  # speed settings alone leave a run what it was
+            del train["deepspeed"]
         return {"family": self.family, "shape": self.shape.as_dict(), "budget": self.budget,
                 "train": train, "data_fingerprint": self.data_fingerprint}
 
@@ -253,6 +277,7 @@ class DataSpec(BaseModel):
 # Recipe keys a sweep may not search, and why.
 UNSEARCHABLE = {"seed": "each run's seed comes from the sweep's `seeds:` list",
                 "flops_convention": "the sweep's `flops_convention:` sets it for every run",
+                "deepspeed": "give DeepSpeed settings in the sweep file's top-level `deepspeed:` block",
                 **{key: "it does not change a run's result, so every variant would be the same run"
                    for key in NOT_IDENTITY}}
 DISTRIBUTIONS = ("loguniform", "uniform")
@@ -372,6 +397,8 @@ class SweepConfig(BaseModel):
         description="FLOP budgets for every family, or a mapping {arm: [...], mdm: [...]} giving each its own "
                     "(an MDM grid can then sit where its losses reach the ARM's)")
     flops_convention: FlopsConvention = "6ND"
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="DeepSpeed settings for every run's engine "
+                                      "(pipeline/deepspeed_settings.py)")
     models: list[str | dict] | None = None
     sizes: SizeRule | None = None
     seeds: list[int] = [0]
@@ -459,6 +486,11 @@ class SweepConfig(BaseModel):
                              f"{self.flops_convention} disagree; give it once, as flops_convention: "
                              f"{self.train.flops_convention}")
         return self
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _known_deepspeed_settings(cls, block):
+        return deepspeed_settings.validate(block)
 
     def budgets_for(self, family: str) -> list[float]:
         return self.budgets[family] if isinstance(self.budgets, dict) else self.budgets

@@ -63,7 +63,7 @@ def expand_grid(sweep: SweepConfig, vocab_size: int, data_fingerprint: str = "",
     and points that would repeat data beyond train.max_epochs (given the corpus's `train_blocks`), are errors,
     all listed at once."""
     points, dropped, refused, seen = [], [], [], {}
-    train = sweep.train.with_overrides({"flops_convention": sweep.flops_convention})
+    train = sweep.train.with_overrides({"flops_convention": sweep.flops_convention, "deepspeed": sweep.deepspeed})
     variants = sweep.variants()
     for family in sweep.families:
         for budget in sweep.budgets_for(family):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline import distributed
+from pipeline import deepspeed_settings, distributed
 from pipeline.config import RunSpec, TrainConfig
 from pipeline.data import TokenDataset, load_dataset
 from pipeline.errors import ConfigError, DataError
@@ -98,7 +98,7 @@ def check_run(spec: RunSpec, data_dir: str | Path, world_size: int = 1) -> tuple
 
 
 def deepspeed_config(cfg: TrainConfig, micro: int, accumulation: int, bf16: bool) -> dict:
-    return {
+    return deepspeed_settings.merged({
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
@@ -106,7 +106,7 @@ def deepspeed_config(cfg: TrainConfig, micro: int, accumulation: int, bf16: bool
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": bf16},
         "steps_per_print": 2**62,
-    }
+    }, cfg.deepspeed)
 
 
 @dataclass
@@ -141,7 +141,7 @@ def build_run(spec: RunSpec, data_dir: str | Path, out_dir: str | Path) -> Run:
     data, plan = check_run(spec, data_dir, world)
     micro, accumulation = batch_layout(cfg, world)
     device = distributed.device_for_rank()
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    bf16 = cfg.bf16_on(device.type)
     torch.manual_seed(cfg.seed)
     model = Transformer(family.model_config(spec.shape, data.info.vocab_size, cfg.seq_len, cfg.init))
     params_total = model.total_params()  # before ZeRO-3 partitions the parameters
@@ -149,6 +149,8 @@ def build_run(spec: RunSpec, data_dir: str | Path, out_dir: str | Path) -> Run:
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(cfg, micro, accumulation, bf16))
+    if cfg.compile:
+        engine.compile()  # in place: parameter names, checkpoints and the final weights stay those of the model
     return Run(spec, family, data, plan, rank, world, micro, accumulation, device, engine, optimizer,
                RunFolder(out_dir), params_total)
 
@@ -162,13 +164,14 @@ def resume(run: Run, resume_from: str | Path | None) -> int:
     return int(client["step"])
 
 
-def train_step(run: Run, step: int) -> tuple[float, float]:
-    """One optimizer step over the global batch `step`; (this rank's mean loss, lr)."""
+def train_step(run: Run, step: int) -> tuple[torch.Tensor, float]:
+    """One optimizer step over the global batch `step`; (this rank's mean loss as a tensor, lr). The loss stays
+    on the device: reading it (a host sync that stalls a GPU's queue) waits for the log window."""
     cfg = run.spec.train
     lr = lr_at(step, run.plan.steps, cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    step_loss = 0.0
+    step_loss = torch.zeros((), dtype=torch.float64, device=run.device)
     for m in range(run.accumulation):
         shard = run.rank * run.accumulation + m  # a virtual rank: the global batch is the same however it is split
         block = run.data.train_batch(step=step, rank=shard, world_size=run.world * run.accumulation,
@@ -179,7 +182,7 @@ def train_step(run: Run, step: int) -> tuple[float, float]:
         loss = run.family.loss(run.engine, block, noise).mean()
         run.engine.backward(loss)
         run.engine.step()
-        step_loss += loss.item() / run.accumulation
+        step_loss += loss.detach().double() / run.accumulation
     return step_loss, lr
 
 
@@ -188,16 +191,16 @@ class LogWindow:
     """The steps since the last log: their loss averaged over steps and ranks, timed, checked for divergence,
     then reported as one row."""
     run: Run
-    losses: list[float] = field(default_factory=list)
+    losses: list[torch.Tensor] = field(default_factory=list)
     clock: float = field(default_factory=time.perf_counter)
 
-    def add(self, loss: float) -> None:
+    def add(self, loss: torch.Tensor) -> None:
         self.losses.append(loss)
 
     def flush(self, reporter: Reporter, step: int, lr: float, verbose: bool) -> None:
         """`step` and `lr`: the window's last step (counted from 1) and its learning rate."""
         run, plan = self.run, self.run.plan
-        loss = _mean_over_ranks(sum(self.losses) / len(self.losses), run.world)
+        loss = _mean_over_ranks(torch.stack(self.losses).mean().item(), run.world)  # the window's one host sync
         rate = len(self.losses) * plan.tokens_per_step / (time.perf_counter() - self.clock)
         if not math.isfinite(loss):
             raise Diverged(f"loss became {loss} by step {step}")
@@ -236,14 +239,25 @@ def finish(run: Run, start: int, seconds: float) -> TrainResult:
         flops_convention=cfg.flops_convention, steps=plan.steps, val_loss=val_loss, val_stderr=val_stderr,
         val_mc_stderr=val_mc_stderr, world_size=run.world, seconds=seconds,
         tokens_per_s=(plan.steps - start) * plan.tokens_per_step / seconds, resumed_from_step=start)
-    # ZeRO-3 holds a shard per rank: every rank takes part in gathering the full weights
-    engine = run.engine
-    state = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else engine.module.state_dict()
+    state = master_weights(run.engine)
     if run.rank == 0:
         run.folder.write(state, spec, run.data.info, result)
         shutil.rmtree(run.checkpoints, ignore_errors=True)
     dist.barrier()
     return result
+
+
+def master_weights(engine) -> dict[str, torch.Tensor]:
+    """The fp32 master weights on the CPU, whatever the precision and ZeRO stage, by DeepSpeed's public
+    `safe_get_full_fp32_param`, which gathers a ZeRO-1/2/3 partition from every rank (call it on all ranks).
+    It answers None where no optimizer keeps a separate fp32 copy (ZeRO-0 in fp32): the weights are that copy."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        state[name] = (param.detach() if full is None else full).float().cpu()
+    return state
 
 
 def train(spec: RunSpec, data_dir: str | Path, out_dir: str | Path, *, reporter: Reporter | None = None,

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import write_word_jsonl
 
 from pipeline.config import RunSpec, TrainConfig
@@ -154,3 +155,36 @@ def test_one_rank_group_leaves_nothing_for_child_processes_to_trip_on():
                             "print(g())"], capture_output=True, text=True, timeout=120)
     assert child.returncode == 0, child.stderr[-2000:]
     assert child.stdout.strip() == "(0, 1)"
+
+
+def test_bf16_training_saves_the_fp32_master_weights(corpus, tmp_path):
+    """bf16 compute keeps fp32 master weights in the optimizer; the run folder holds those, not bf16 copies."""
+    from safetensors.torch import load_file
+
+    with pytest.raises(ValueError, match="precision=bf16 needs zero_stage >= 1"):
+        TrainConfig(precision="bf16", zero_stage=0)
+    train(spec_for("arm", 20, precision="bf16", zero_stage=2), corpus, tmp_path, verbose=False)
+    weights = load_file(tmp_path / "model.safetensors")
+    for name, w in weights.items():
+        assert w.dtype == torch.float32
+        if w.dim() == 2:  # trained matrices: fp32 values that bf16 cannot hold
+            assert (w.to(torch.bfloat16).float() != w).float().mean() > 0.9, name
+
+
+@pytest.mark.slow
+def test_compiled_training_runs_on_cpu_and_saves_the_models_own_weights(corpus, tmp_path):
+    """--set compile=true: torch.compile through DeepSpeed; the same run hash, and a final folder that loads."""
+    from pipeline.run_folder import load_trained
+
+    out = tmp_path / "compiled"
+    proc = run_cli("train", "--family", "mdm", "--model", "{n_layer: 1, n_head: 2, d_model: 32}", "--flops", "1.5e9",
+                   "--data", str(corpus), "--out", str(out), "--set", "seq_len=32", "--set", "batch_size=8",
+                   "--set", "warmup_min_steps=2", "--set", "val_blocks=4", "--set", "eval_samples=2",
+                   "--set", "compile=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert math.isfinite(result["val_loss"])
+    spec = RunSpec(family="mdm", shape={"n_layer": 1, "n_head": 2, "d_model": 32}, budget=1.5e9,
+                   train=TrainConfig(seq_len=32, batch_size=8, compile=True))
+    assert spec.run_hash == spec.model_copy(update={"train": spec.train.with_overrides({"compile": False})}).run_hash
+    assert load_trained(folder=out).model.non_embedding_params() == result["params"]
