@@ -175,7 +175,8 @@ def cmd_score(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pipeline.harness import EvalSettings, evaluate, log_to_mlflow, metrics_of, task_manager  # slow: lm_eval
+    # lm_eval, which pipeline.harness imports, takes seconds to load: only this command pays for it
+    from pipeline.harness import EvalSettings, evaluate, log_to_mlflow, metrics_of, results_table, task_manager
     from pipeline.noise import MonteCarlo
     from pipeline.run_folder import load_trained
 
@@ -195,6 +196,7 @@ def cmd_eval(args) -> int:
                             {k: v for k, v in sampling.items() if v is not None}, args.limit, args.num_fewshot)
     results = evaluate(trained.model, trained.family, trained.tokenizer(args.data), settings, manager)
     metrics = metrics_of(results)
+    print(results_table(results), file=sys.stderr)
     print(json.dumps({"family": trained.family.name, "source": trained.source, "metrics": metrics}))
     if args.run:
         from pipeline.mlflow_keys import resolve_uri

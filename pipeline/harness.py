@@ -216,12 +216,19 @@ def log_to_mlflow(run_id: str, tracking_uri: str, results: dict, settings: EvalS
     now = int(time.time() * 1000)
     metrics = metrics_of(results)
     client.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in metrics.items()])
-    described = {**asdict(settings), "mc": asdict(settings.mc)}
+    described = asdict(settings)
     for task, values in results["results"].items():
         record = {"results": values, "n-samples": results.get("n-samples", {}).get(task), "settings": described,
                   "lm_eval_version": _lm_eval_version()}
         client.log_text(run_id, json.dumps(record, indent=2, default=str), f"{EVAL_PREFIX}{_mlflow_key(task)}.json")
     return sorted(metrics)
+
+
+def results_table(results: dict) -> str:
+    """lm-eval's own markdown table of the results, for people."""
+    from lm_eval.utils import make_table
+
+    return make_table(results)
 
 
 def _lm_eval_version() -> str:

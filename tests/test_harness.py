@@ -6,23 +6,23 @@ from pathlib import Path
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # before datasets is imported: every task here reads local files
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from analysis.cli import main as analyze  # noqa: E402
-from analysis.runs import from_mlflow, write_table  # noqa: E402
-from analysis.synthetic import synthetic_runs  # noqa: E402
-from pipeline.cli import main  # noqa: E402
-from pipeline.config import RunSpec, TrainConfig  # noqa: E402
-from pipeline.flops import budget_for_steps  # noqa: E402
-from pipeline.harness import SHIPPED_TASKS, EvalSettings, evaluate, metrics_of  # noqa: E402
-from pipeline.mlflow_keys import HASH_TAG  # noqa: E402
-from pipeline.noise import MonteCarlo  # noqa: E402
-from pipeline.run_folder import RunFolder  # noqa: E402
-from pipeline.scoring import ChoiceTask, continuation_nll, evaluate_choices, read_tasks  # noqa: E402
-from pipeline.shapes import resolve_shape  # noqa: E402
-from pipeline.synthetic import synthetic  # noqa: E402
-from pipeline.train import train  # noqa: E402
+from analysis.cli import main as analyze
+from analysis.runs import from_mlflow, write_table
+from analysis.synthetic import synthetic_runs
+from pipeline.cli import main
+from pipeline.config import RunSpec, TrainConfig
+from pipeline.flops import budget_for_steps
+from pipeline.harness import SHIPPED_TASKS, EvalSettings, evaluate, metrics_of
+from pipeline.mlflow_keys import HASH_TAG
+from pipeline.noise import MonteCarlo
+from pipeline.run_folder import RunFolder
+from pipeline.scoring import continuation_nll, evaluate_choices, read_tasks
+from pipeline.shapes import resolve_shape
+from pipeline.synthetic import synthetic
+from pipeline.train import train
 
 LIMIT = 6  # documents per task: enough to compare, few enough for seconds
 
