@@ -267,7 +267,10 @@ FIGURES = {"isoflop_curves": isoflop_curves, "frontiers": frontiers, "optimal_al
 
 def metric_against_compute(study: Study, metric: str):
     """A downstream metric (a runs-table column such as eval/<task>/acc) against C, per family: every run
-    evaluated, and a line through the lowest-loss run of each budget, the compute-optimal model as sampled."""
+    evaluated, and a line through the lowest-loss evaluated run of each budget (the compute-optimal model as
+    sampled), with lm-eval's standard error where the table has it (eval/<task>/acc_stderr)."""
+    parts = metric.split("/")
+    stderr = "/".join([*parts[:2], parts[2] + "_stderr", *parts[3:]]) if len(parts) >= 3 else None
     fig = Figure(figsize=(6.4, 4.6))
     ax = fig.subplots()
     order = list(study.families)
@@ -281,6 +284,9 @@ def metric_against_compute(study: Study, metric: str):
         best = runs.loc[runs.groupby("bucket")["loss"].idxmin()].sort_values("budget")
         ax.plot(best["budget"], best[metric], "o-", color=colour, ms=5, lw=1.5,
                 label=f"{fam.name}: lowest-loss run per budget")
+        if stderr in best.columns and best[stderr].notna().any():
+            ax.errorbar(best["budget"], best[metric], yerr=best[stderr].fillna(0), fmt="none", ecolor=colour,
+                        elinewidth=0.8, capsize=2)
         drawn = True
     if not drawn:
         return None

@@ -199,7 +199,8 @@ def test_bad_input_is_one_line(trained, store, tmp_path, capsys, args, message):
 def test_analyze_plots_a_downstream_metric_against_compute(tmp_path, capsys):
     table = synthetic_runs(budgets=(1e19, 3e19, 1e20), sizes=5, seed=0)
     table["eval/synthetic_choice/acc"] = 1.0 - table["loss"] / 6  # better models score higher
-    table.loc[::4, "eval/synthetic_choice/acc"] = float("nan")  # some runs not evaluated
+    table["eval/synthetic_choice/acc_stderr"] = 0.01
+    table.loc[::4, ["eval/synthetic_choice/acc", "eval/synthetic_choice/acc_stderr"]] = float("nan")  # not evaluated
     write_table(table, tmp_path / "runs.csv")
     out = tmp_path / "out"
     common = ["--runs", tmp_path / "runs.csv", "--out", out, "--bootstrap", "0"]
@@ -211,4 +212,4 @@ def test_analyze_plots_a_downstream_metric_against_compute(tmp_path, capsys):
     assert analyze([str(a) for a in [*common, "--metric", "eval/synthetic_choice/acc_norm"]]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--metric eval/synthetic_choice/acc_norm is not in the runs table; its " \
-        "downstream metrics: eval/synthetic_choice/acc" in err
+        "downstream metrics: eval/synthetic_choice/acc, eval/synthetic_choice/acc_stderr" in err
