@@ -213,3 +213,14 @@ def test_analyze_plots_a_downstream_metric_against_compute(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--metric eval/synthetic_choice/acc_norm is not in the runs table; its " \
         "downstream metrics: eval/synthetic_choice/acc, eval/synthetic_choice/acc_stderr" in err
+
+
+def test_other_commands_do_not_load_lm_eval():
+    """lm_eval takes seconds to import: only `isoflop eval` loads it."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.cli; print('lm_eval' in sys.modules, 'datasets' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                            text=True, check=True)
+    assert loaded.stdout.split() == ["False", "False"]
