@@ -286,7 +286,7 @@ def metric_against_compute(study: Study, metric: str):
                 label=f"{fam.name}: lowest-loss run per budget")
         if stderr in best.columns and best[stderr].notna().any():
             ax.errorbar(best["budget"], best[metric], yerr=best[stderr].fillna(0), fmt="none", ecolor=colour,
-                        elinewidth=0.8, capsize=2)
+                        elinewidth=0.8, capsize=2, label=f"{fam.name}: ±1 s.e. (lm-eval's {stderr.split('/')[2]})")
         drawn = True
     if not drawn:
         return None
