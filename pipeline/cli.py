@@ -192,7 +192,8 @@ def cmd_eval(args) -> int:
     _refuse_options(trained, trained.family.score_options, {"cfg": args.cfg or None})
     if trained.family.score_options:  # the MDM guides its generations as it guides its likelihoods
         sampling["cfg"] = args.cfg
-    settings = EvalSettings(tasks, tuple(args.include_path or ()), MonteCarlo(samples=args.samples, cfg=args.cfg, seed=args.seed),
+    settings = EvalSettings(tasks, tuple(args.include_path or ()),
+                            MonteCarlo(samples=args.samples, cfg=args.cfg, seed=args.seed),
                             {k: v for k, v in sampling.items() if v is not None}, args.limit, args.num_fewshot)
     results = evaluate(trained.model, trained.family, trained.tokenizer(args.data), settings, manager)
     metrics = metrics_of(results)
