@@ -33,7 +33,8 @@ demo: $(STAMP)
 	@echo "Demo done. Report: $(DEMO)/analysis/report.md  fits: $(DEMO)/analysis/fits.json  plots: $(DEMO)/analysis/*.png"
 	@echo "Browse the runs: $(VENV)/bin/isoflop ui --tracking-uri sqlite:///$(DEMO)/mlflow.db  (http://127.0.0.1:5000)"
 	@echo "Sample or score a run (ids: isoflop runs ... --out runs.csv): $(VENV)/bin/isoflop sample --run RUN_ID" \
-		"--tracking-uri sqlite:///$(DEMO)/mlflow.db --prompt '450 3';  isoflop score --run RUN_ID ... --tasks $(DEMO)/data/tasks.jsonl"
+		"--tracking-uri sqlite:///$(DEMO)/mlflow.db --prompt '450 3';  isoflop score --run RUN_ID ... --tasks $(DEMO)/data/tasks.jsonl;" \
+		" isoflop eval --run RUN_ID ... --tasks synthetic_choice (lm-eval; logs eval/synthetic_choice/acc to the run)"
 
 clean:
 	rm -rf $(VENV) results

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.bootstrap import DEFAULT_RESAMPLES
-from analysis.plots import plot_all
+from analysis.plots import plot_all, plot_metrics
 from analysis.report import headline, write_fits, write_report
-from analysis.runs import attach_to_sweep, clean, conform, from_mlflow, parse_map, read_table, write_table
+from analysis.runs import attach_to_sweep, clean, conform, eval_columns, from_mlflow, parse_map, read_table, write_table
 from analysis.study import Settings, analyze
 from pipeline.errors import RunsError
 from pipeline.mlflow_keys import DEFAULT_TRACKING_URI, resolve_uri
@@ -45,6 +45,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--floor", default=None, metavar="VALUE|entropy",
                         help="fix E of the Chinchilla law to VALUE (nats/token), or to the corpus entropy rate "
                              "(--entropy-rate or the table's entropy_rate_nats), instead of fitting it")
+    parser.add_argument("--metric", action="append", metavar="eval/TASK/METRIC", default=[],
+                        help="also plot this downstream metric (logged by `isoflop eval`) against compute, per family "
+                             "(repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         settings = _settings(args)
         table, source, notes = _load(args)
         settings = _from_table(settings, table, notes)
+        _check_metrics(args.metric, table)
     except RunsError as err:
         print(f"isoflop analyze: error: {err}", file=sys.stderr)
         return 2
@@ -65,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_table(table, out / "runs.csv")
     figures = plot_all(study, out)
+    figures.update(plot_metrics(study, args.metric, out))
     fits = write_fits(study, source, out / "fits.json")
     write_report(study, fits, figures, out / "report.md")
     for line in headline(study):
@@ -147,6 +152,16 @@ def _from_table(settings: Settings, table: pd.DataFrame, notes: list[str]) -> Se
             raise RunsError(f"{flag} is above the lowest observed loss {lowest['loss']:.4g} ({lowest['family']}): "
                             "E cannot exceed a loss")
     return settings
+
+
+def _check_metrics(metrics: list[str], table: pd.DataFrame) -> None:
+    """Each --metric must be a column of the table with a value for some run."""
+    for metric in metrics:
+        if metric not in table.columns or table[metric].isna().all():
+            known = eval_columns(table)
+            have = f"its downstream metrics: {', '.join(known)}" if known else "no run has one (see `isoflop eval`)"
+            why = "has no values" if metric in table.columns else "is not in the runs table"
+            raise RunsError(f"--metric {metric} {why}; {have}")
 
 
 def _load(args: argparse.Namespace) -> tuple[pd.DataFrame, dict, list[str]]:

@@ -5,6 +5,7 @@ render with Agg when saved, from a script or inside a notebook alike.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -37,8 +38,13 @@ def family_colour(name: str, order: list[str]) -> str:
 
 def render(name: str, study: Study, out: Path) -> list[Path]:
     """Draw one figure and write it as out/name.png and out/name.pdf; [] when the study lacks its data."""
+    return _draw(lambda: FIGURES[name](study), name, out)
+
+
+def _draw(make, name: str, out: Path) -> list[Path]:
+    """make() in the house style, written as out/name.png and .pdf; [] when it returns no figure."""
     with matplotlib.rc_context(STYLE):
-        fig = FIGURES[name](study)
+        fig = make()
         if fig is None:
             return []
         out.mkdir(parents=True, exist_ok=True)
@@ -257,6 +263,47 @@ def parametric_residuals(study: Study):
 
 FIGURES = {"isoflop_curves": isoflop_curves, "frontiers": frontiers, "optimal_allocation": optimal_allocation,
            "compute_gap": compute_gap, "parametric_residuals": parametric_residuals}
+
+
+def metric_against_compute(study: Study, metric: str):
+    """A downstream metric (a runs-table column such as eval/<task>/acc) against C, per family: every run
+    evaluated, and a line through the lowest-loss evaluated run of each budget (the compute-optimal model as
+    sampled), with lm-eval's standard error where the table has it (eval/<task>/acc_stderr)."""
+    parts = metric.split("/")
+    stderr = "/".join([*parts[:2], parts[2] + "_stderr", *parts[3:]]) if len(parts) >= 3 else None
+    fig = Figure(figsize=(6.4, 4.6))
+    ax = fig.subplots()
+    order = list(study.families)
+    drawn = False
+    for fam in study.families.values():
+        runs = fam.runs[fam.runs[metric].notna()] if metric in fam.runs.columns else fam.runs.iloc[:0]
+        if runs.empty:
+            continue
+        colour = family_colour(fam.name, order)
+        ax.scatter(runs["budget"], runs[metric], s=14, color=colour, alpha=0.35, lw=0, label=f"{fam.name}: runs")
+        best = runs.loc[runs.groupby("bucket")["loss"].idxmin()].sort_values("budget")
+        ax.plot(best["budget"], best[metric], "o-", color=colour, ms=5, lw=1.5,
+                label=f"{fam.name}: lowest-loss run per budget")
+        if stderr in best.columns and best[stderr].notna().any():
+            ax.errorbar(best["budget"], best[metric], yerr=best[stderr].fillna(0), fmt="none", ecolor=colour,
+                        elinewidth=0.8, capsize=2, label=f"{fam.name}: ±1 s.e. (lm-eval's {stderr.split('/')[2]})")
+        drawn = True
+    if not drawn:
+        return None
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} against compute")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_metrics(study: Study, metrics: list[str], out: Path) -> dict[str, list[Path]]:
+    """One figure per downstream metric some run has, named metric_<metric with '/' as '_'>: name -> [png, pdf]."""
+    names = {metric: "metric_" + re.sub(r"[^\w.-]", "_", metric) for metric in metrics}
+    return {names[m]: paths for m in metrics
+            if (paths := _draw(lambda m=m: metric_against_compute(study, m), names[m], out))}
 
 
 def _optima(ax, fam, attr: str, colour: str, label: str | None = None) -> None:

@@ -5,8 +5,9 @@ Schema: family, budget (C, FLOPs), params (N, non-embedding), tokens (D), loss (
 plus optional run_id, status, flops_convention, entropy_rate_nats, seed, epochs, variant (the recipe values a
 run tried, e.g. "lr=0.002"; "" when none), val_stderr (std/sqrt(n) between validation sequences: the error of
 the absolute level, shared by every run since all are scored on the same sequences) and val_mc_stderr (the
-Monte Carlo error of an MDM's bound given those sequences; 0 for an ARM). N and C are counted as in
-docs/method.md §3, the loss as in §2.
+Monte Carlo error of an MDM's bound given those sequences; 0 for an ARM), and any downstream metrics
+`isoflop eval` logged, one column each, named as in MLflow (eval/<task>/<metric>; NaN for runs not
+evaluated). N and C are counted as in docs/method.md §3, the loss as in §2.
 
 Standard errors: a negative or infinite one is an error. So is one missing in some rows but not others of a
 file the user supplies (no guessing which runs it meant). A column absent or empty throughout is unknown,
@@ -27,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import RunsError
-from pipeline.mlflow_keys import FINISHED, HASH_TAG, SWEEP_TAG, VARIANT_TAG
+from pipeline.mlflow_keys import EVAL_PREFIX, FINISHED, HASH_TAG, SWEEP_TAG, VARIANT_TAG
 
 REQUIRED = ("budget", "params", "loss")
 COLUMNS = ("family", "budget", "params", "tokens", "loss", "run_id", "status", "flops_convention",
@@ -90,11 +91,11 @@ def conform(raw: pd.DataFrame, mapping: dict[str, str] | None = None) -> pd.Data
                         "rename with --map COLUMN=NAME")
     if df.empty:
         raise RunsError("runs table is empty")
-    df = df[[c for c in COLUMNS if c in df.columns]].copy()
+    df = df[[c for c in COLUMNS if c in df.columns] + eval_columns(df)].copy()
     df["family"] = df["family"].astype(str).str.strip().str.lower() if "family" in df.columns else "all"
     if "variant" in df.columns:  # a CSV reads "" back as NaN
         df["variant"] = df["variant"].fillna("").astype(str).str.strip()
-    for column in (*NUMERIC, *OPTIONAL_NUMERIC):
+    for column in (*NUMERIC, *OPTIONAL_NUMERIC, *eval_columns(df)):
         if column in df.columns:
             df[column] = pd.to_numeric(df[column], errors="coerce")
     if "tokens" not in df.columns:
@@ -102,6 +103,11 @@ def conform(raw: pd.DataFrame, mapping: dict[str, str] | None = None) -> pd.Data
     else:  # rows with no token count (e.g. an MLflow run that never logged it) use the 6ND identity
         df["tokens"] = df["tokens"].fillna(df["budget"] / (6.0 * df["params"]))
     return df.reset_index(drop=True)
+
+
+def eval_columns(df: pd.DataFrame) -> list[str]:
+    """The downstream metrics of a table (eval/<task>/<metric>), in its order."""
+    return [str(c) for c in df.columns if str(c).startswith(EVAL_PREFIX)]
 
 
 def clean(df: pd.DataFrame, mlflow: bool = False) -> tuple[pd.DataFrame, list[str]]:
@@ -211,14 +217,15 @@ def from_mlflow(experiment: str, tracking_uri: str | None = None, finished_only:
                          "entropy_rate_nats": params.get("entropy_rate_nats"), "seed": params.get("seed"),
                          "epochs": params.get("epochs"), "variant": run.data.tags.get(VARIANT_TAG, ""),
                          "val_stderr": metrics.get("val_stderr"), "val_mc_stderr": metrics.get("val_mc_stderr"),
-                         "run_hash": run.data.tags[HASH_TAG]})
+                         "run_hash": run.data.tags[HASH_TAG],
+                         **{k: v for k, v in metrics.items() if k.startswith(EVAL_PREFIX)}})
         token = page.token
         if not token:
             break
     if not rows:
         raise RunsError(f"MLflow experiment {experiment!r} has no {'finished ' if finished_only else ''}sweep runs")
     df = pd.DataFrame(rows)
-    for column in (*NUMERIC, *OPTIONAL_NUMERIC):
+    for column in (*NUMERIC, *OPTIONAL_NUMERIC, *eval_columns(df)):
         df[column] = pd.to_numeric(df[column], errors="coerce")
     return df
 

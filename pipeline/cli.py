@@ -187,6 +187,41 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    # lm_eval, which pipeline.harness imports, takes seconds to load: only this command pays for it
+    from pipeline.harness import EvalSettings, evaluate, log_to_mlflow, metrics_of, results_table, task_manager
+    from pipeline.noise import MonteCarlo
+    from pipeline.run_folder import load_trained
+
+    tasks = tuple(name.strip() for name in args.tasks.split(",") if name.strip())
+    for name, value, least in (("--samples", args.samples, 1), ("--limit", args.limit, 1),
+                               ("--num-fewshot", args.num_fewshot, 0)):
+        if value is not None and value < least:
+            raise ConfigError(f"{name} must be >= {least}, got {value}")
+    manager = task_manager(tasks, tuple(args.include_path or ()))  # unknown tasks fail here, before any loading
+    trained = load_trained(folder=args.checkpoint, run=args.run, tracking_uri=args.tracking_uri)
+    sampling = {"steps": args.steps, "sampler": args.sampler}
+    _refuse_options(trained, trained.family.sample_options, sampling)
+    _refuse_options(trained, trained.family.score_options, {"cfg": args.cfg or None})
+    if trained.family.score_options:  # the MDM guides its generations as it guides its likelihoods
+        sampling["cfg"] = args.cfg
+    settings = EvalSettings(tasks, tuple(args.include_path or ()),
+                            MonteCarlo(samples=args.samples, cfg=args.cfg, seed=args.seed),
+                            {k: v for k, v in sampling.items() if v is not None}, args.limit, args.num_fewshot)
+    results = evaluate(trained.model, trained.family, trained.tokenizer(args.data), settings, manager)
+    metrics = metrics_of(results)
+    print(results_table(results), file=sys.stderr)
+    print(json.dumps({"family": trained.family.name, "source": trained.source, "metrics": metrics}))
+    if args.run:
+        from pipeline.mlflow_keys import resolve_uri
+
+        logged = log_to_mlflow(args.run, resolve_uri(args.tracking_uri), results, settings)
+        print(f"logged {len(logged)} metrics to MLflow run {args.run}", file=sys.stderr)
+    else:
+        print("a --checkpoint has no MLflow run: nothing logged (evaluate with --run RUN_ID to log)", file=sys.stderr)
+    return 0
+
+
 def _refuse_options(trained, accepted: tuple[str, ...], given: dict) -> None:
     """Options the model's family has no use for are an error, not silently ignored."""
     unused = [f"--{name}" for name, value in given.items() if value is not None and name not in accepted]
@@ -195,7 +230,7 @@ def _refuse_options(trained, accepted: tuple[str, ...], given: dict) -> None:
 
 
 def _model_source_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
-    """The options `sample`, `score` and `export` share: which model, and where its tokenizer is."""
+    """The options `sample`, `score`, `eval` and `export` share: which model, and where its tokenizer is."""
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", metavar="RUN_ID", help="an MLflow run id of a finished grid point")
     source.add_argument("--checkpoint", metavar="DIR",
@@ -296,6 +331,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", required=True, help="a new or empty folder")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="lm-evaluation-harness tasks; with --run, metrics eval/<task>/<metric> go to MLflow")
+    _model_source_args(p)
+    p.add_argument("--tasks", metavar="T1,T2", required=True,
+                   help="lm-eval task names: shipped (synthetic_choice, synthetic_continue, synthetic_perplexity), "
+                        "from --include-path, or lm-eval's own (which download their data)")
+    p.add_argument("--include-path", action="append", metavar="DIR",
+                   help="a folder of lm-eval task YAML files (repeatable)")
+    p.add_argument("--samples", type=int, metavar="K", default=128, help="MDM: Monte Carlo draws per likelihood")
+    p.add_argument("--cfg", type=float, metavar="W", default=0.0,
+                   help="MDM: unsupervised classifier-free guidance weight, for likelihoods and generation")
+    p.add_argument("--steps", type=int, metavar="K", default=None, help="MDM generation: sampling steps (default: length)")
+    p.add_argument("--sampler", choices=("reverse", "confidence"), default=None, help="MDM generation (default: reverse)")
+    p.add_argument("--limit", type=int, metavar="N", default=None, help="the first N documents of each task")
+    p.add_argument("--num-fewshot", type=int, metavar="N", default=None, help="few-shot examples (default: the task's)")
+    p.set_defaults(func=cmd_eval)
 
     # `analyze` belongs to the analysis package, which parses its own arguments (see main)
     sub.add_parser("analyze", add_help=False, help="fit scaling laws and the compute gap; plots and report")

@@ -18,6 +18,7 @@ RESUMED_TAG = "isoflop.resumed"
 VARIANT_TAG = "isoflop.variant"        # which searched recipe values (e.g. lr=0.002) a run tried; "" when none
 LEASE_TAG = "isoflop.lease"            # "HOST PID EXPIRY" of the trial training the point now (pipeline/claim.py)
 PARENT_TAG = "mlflow.parentRunId"
+EVAL_PREFIX = "eval/"                  # `isoflop eval` logs eval/<task>/<metric>; the runs table keeps these columns
 
 FINISHED = "FINISHED"                  # MLflow's run statuses
 FAILED = "FAILED"
