@@ -3,4 +3,5 @@
 # Run from the repository root: bash benchmarks/gpu_check.sh
 set -euo pipefail
 python3 -m pip install -q -e . 2>&1 | tail -2 || true
-PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py "$@"
+# 8 models x compile settings in at most 8 minutes: a run that would not finish in time stops and says so
+PYTHONUNBUFFERED=1 timeout 480 python3 benchmarks/gpu_check.py "$@" || echo "gpu_check stopped (exit $?): see above"

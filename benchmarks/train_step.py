@@ -48,7 +48,8 @@ def bare_loop(spec: RunSpec, data, steps: int, warmup: int) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        loss.item()  # the trainer reads the loss every step too
+        if (step + 1) % cfg.log_every == 0:
+            loss.item()  # the trainer reads the loss once per log window too
     return (steps - warmup) * cfg.batch_size * cfg.seq_len / (time.perf_counter() - start)
 
 
@@ -57,7 +58,7 @@ def main() -> None:
     parser.add_argument("--family", default="mdm", choices=sorted(FAMILIES))
     parser.add_argument("--model", default="cpu-591k")
     parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--zero-stage", type=int, default=0)
+    parser.add_argument("--zero-stage", type=int, default=TrainConfig().zero_stage, help="default: the recipe's")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     warmup = 20
