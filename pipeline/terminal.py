@@ -118,12 +118,13 @@ class SweepBoard:
         return counts
 
     def eta_s(self, now: float) -> float | None:
-        """FLOPs left over the FLOP rate so far (see the module's docstring); None before any work is seen."""
-        done = sum(p.flops_done for p in self.points.values())
+        """FLOPs left over the FLOP rate so far (see the module's docstring); None while there is work left but
+        none done yet."""
+        done, left = (sum(getattr(p, key) for p in self.points.values()) for key in ("flops_done", "flops_left"))
         elapsed = now - self.started
-        if done <= 0 or elapsed <= 0:
-            return None
-        return sum(p.flops_left for p in self.points.values()) * elapsed / done
+        if not left:
+            return 0.0
+        return left * elapsed / done if done > 0 and elapsed > 0 else None
 
     def headline(self, now: float) -> str:
         c = self.counts()
@@ -258,6 +259,8 @@ class SweepProgress(tune.Callback):
 
 
 def error_line(trial) -> str:
-    """'errored: <the exception's last line>' from the error Tune stored for the trial."""
-    lines = [line.strip() for line in str(trial.get_error() or "").splitlines() if line.strip()]
+    """'errored: <the exception's last line>' from the error file Tune wrote in the trial's local folder."""
+    path = trial.error_file and Path(trial.error_file)
+    text = path.read_text(errors="replace") if path and path.exists() else ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return f"errored: {lines[-1][:300]}" if lines else "errored"

@@ -55,6 +55,9 @@ def test_flop_weighted_eta():
     pending.update({**window(100), "status": "finished"})
     assert board.eta_s(board.started + 250) == 0.0
     assert board.counts() == {DONE: 3, RUNNING: 0, PENDING: 0, FAILED: 1, SKIPPED: 1}
+    nothing_done = SweepBoard.of("failed", specs[:1])
+    nothing_done.points[specs[0].run_hash].update({"status": "errored"})
+    assert nothing_done.eta_s(nothing_done.started + 10) == 0.0  # nothing left to do, though nothing was done
 
 
 def test_table_shows_each_running_point_and_the_sweep_tally():
@@ -93,14 +96,15 @@ class Trial:
     def config(self) -> dict:
         return {"spec": self.spec.to_dict()}
 
-    def get_error(self) -> Exception:
-        return RuntimeError("Traceback (most recent call last):\n  ...\nValueError: a bad point\n")
+    error_file: str | None = None  # Tune's error.txt in the trial's folder
 
 
 def test_plain_lines_off_a_terminal(tmp_path, capsys):
     """Not a terminal: a `[sweep]` line at most every `plain_every` seconds and at the end, and the log file's
     path for a point that fails; no table."""
-    a, b = Trial(spec(budget=1e10)), Trial(spec(budget=2e10))
+    error = tmp_path / "error.txt"
+    error.write_text("Failure # 1\nTraceback (most recent call last):\n  ...\nValueError: a bad point\n\n")
+    a, b = Trial(spec(budget=1e10)), Trial(spec(budget=2e10), error_file=str(error))
     board = SweepBoard.of("plain", [a.spec, b.spec])
     progress = SweepProgress(board, tmp_path, console=Console(file=io.StringIO()), plain_every=0.2)
     progress.setup()
