@@ -17,6 +17,7 @@ from pathlib import Path
 import ray
 import ray.train
 import torch
+import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.train.torch import TorchTrainer
@@ -26,7 +27,7 @@ from pipeline import tracking
 from pipeline.claim import PointClaim
 from pipeline.config import Resources, RunSpec, SweepConfig, variant_label
 from pipeline.data import load_dataset
-from pipeline.distributed import ensure_process_group
+from pipeline.distributed import device_for_rank, ensure_process_group
 from pipeline.errors import DataError, SweepError, TrackingError
 from pipeline.grid import GridPoint, expand_grid, format_grid, load_sweep
 from pipeline.mlflow_keys import FAILED, FINISHED, resolve_uri
@@ -361,21 +362,37 @@ def train_worker(config: dict) -> None:
 
 # what a log window tells the sweep's driver (pipeline.terminal)
 PROGRESS_KEYS = ("step", "loss", "tokens", "tokens_per_s")
+# Windows reach the driver at most this often: its display needs no more, and Ray Train's controller takes a
+# worker's report once per 2 s poll, holding a rank that reports sooner until then.
+REPORT_EVERY_SECONDS = 3.0
 
 
 class SweepReporter(Reporter):
-    """Rank 0's rows to MLflow; every rank's log windows to Ray (Tune's report in a one-worker trial, Train's,
-    which is collective, in a worker group), which hands rank 0's to the driver's progress display."""
+    """Rank 0's rows to MLflow; log windows, at most one per REPORT_EVERY_SECONDS, from every rank to Ray
+    (Tune's report in a one-worker trial, Train's, which is collective, in a worker group), which hands rank 0's
+    to the driver's progress display."""
 
-    def __init__(self, logger: tracking.RunLogger | None, report: Callable[[dict], None]):
-        self.logger, self.report = logger, report
+    def __init__(self, logger: tracking.RunLogger | None, report: Callable[[dict], None], world: int):
+        self.logger, self.report, self.world = logger, report, world
+        self.last = float("-inf")
 
     def metrics(self, rows: list[dict]) -> None:
         if self.logger:
             self.logger.log_metrics(rows)
 
     def progress(self, row: dict, steps: int) -> None:
-        self.report({**{key: row[key] for key in PROGRESS_KEYS}, "steps": steps})
+        if self.due():
+            self.last = time.monotonic()
+            self.report({**{key: row[key] for key in PROGRESS_KEYS}, "steps": steps})
+
+    def due(self) -> bool:
+        """Rank 0's clock decides for every rank, since a collective report must be made by all or none."""
+        due = time.monotonic() - self.last >= REPORT_EVERY_SECONDS
+        if self.world == 1:
+            return due
+        flag = torch.tensor([float(due)], device=device_for_rank())
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
 
 
 def train_point(spec: RunSpec, context: SweepContext, report: Callable[[dict], None]) -> dict:
@@ -391,7 +408,7 @@ def train_point(spec: RunSpec, context: SweepContext, report: Callable[[dict], N
                           {"run": spec.to_dict(), "sweep": context.name})
     monitor = logger.watch_system() if logger else None
     try:
-        result = train(spec, context.data_dir, folder.path, reporter=SweepReporter(logger, report))
+        result = train(spec, context.data_dir, folder.path, reporter=SweepReporter(logger, report, world))
     except Diverged as err:  # a property of the run, not a crash: recorded and not retried
         print(f"[{spec.run_name}] diverged: {err}", flush=True)
         if logger:

@@ -196,3 +196,18 @@ def test_sweep_output_is_calm_and_each_point_logs_to_its_file(tmp_path):
     diverged = next(log for log in logs if log not in trained)
     assert f"; its log: {diverged}" in proc.stdout
     assert Path(diverged).name.startswith("arm-cpu-26k-4.00e+09-")
+
+
+def test_windows_reach_tune_at_most_every_few_seconds(monkeypatch):
+    """A one-rank run reports its first window at once, then none until REPORT_EVERY_SECONDS have passed."""
+    from pipeline import sweep
+
+    sent = []
+    reporter = sweep.SweepReporter(None, sent.append, world=1)
+    monkeypatch.setattr(sweep, "REPORT_EVERY_SECONDS", 0.2)
+    for step in (5, 10, 15):
+        reporter.progress({"step": step, "loss": 3.0, "tokens": step * 256, "tokens_per_s": 1e4, "lr": 1e-3}, 100)
+    time.sleep(0.25)
+    reporter.progress({"step": 20, "loss": 2.9, "tokens": 20 * 256, "tokens_per_s": 1e4, "lr": 1e-3}, 100)
+    assert sent == [{"step": 5, "loss": 3.0, "tokens": 1280, "tokens_per_s": 1e4, "steps": 100},
+                    {"step": 20, "loss": 2.9, "tokens": 5120, "tokens_per_s": 1e4, "steps": 100}]
