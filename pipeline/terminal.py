@@ -6,7 +6,7 @@ FLOPs, since points differ in cost by orders of magnitude:
 
     FLOPs done  = budgets of the points finished in this session + step/steps x budget of the others started
     FLOPs left  = budgets of the pending and running points - what the running ones have done
-    ETA         = FLOPs left / (FLOPs done / seconds elapsed)
+    ETA         = FLOPs left / (FLOPs done / seconds since the first point started)
 
 Points that failed or were finished by another sweep leave nothing to do; a failed point's partial steps still
 count as work done (its seconds were spent). A resumed point counts its checkpointed steps as done now, so
@@ -106,6 +106,7 @@ class SweepBoard:
     name: str
     points: dict[str, PointState]  # by run hash
     started: float = field(default_factory=time.monotonic)
+    first_start: float | None = None  # of a point: the FLOP rate leaves out Ray's start-up before it
 
     @classmethod
     def of(cls, name: str, specs: Iterable[RunSpec]) -> SweepBoard:
@@ -121,7 +122,7 @@ class SweepBoard:
         """FLOPs left over the FLOP rate so far (see the module's docstring); None while there is work left but
         none done yet."""
         done, left = (sum(getattr(p, key) for p in self.points.values()) for key in ("flops_done", "flops_left"))
-        elapsed = now - self.started
+        elapsed = now - (self.started if self.first_start is None else self.first_start)
         if not left:
             return 0.0
         return left * elapsed / done if done > 0 and elapsed > 0 else None
@@ -232,6 +233,7 @@ class SweepProgress(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.point(trial).state = RUNNING
+        self.board.first_start = self.board.first_start or time.monotonic()
         if self.live is not None:  # a new row at once; the plain lines keep their pace
             self.show(force=True)
 

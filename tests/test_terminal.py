@@ -51,6 +51,8 @@ def test_flop_weighted_eta():
     flops_done = 1e10 + 3e10 / 3 + 2e10 / 2
     flops_left = 3e10 * 2 / 3 + 6e10
     assert board.eta_s(board.started + 100) == pytest.approx(flops_left / (flops_done / 100))
+    board.first_start = board.started + 20  # Ray took 20 s to start the first point: the rate leaves them out
+    assert board.eta_s(board.started + 100) == pytest.approx(flops_left / (flops_done / 80))
     running.update({**window(90, steps=90), "status": "finished"})
     pending.update({**window(100), "status": "finished"})
     assert board.eta_s(board.started + 250) == 0.0
