@@ -410,8 +410,8 @@ def train_point(spec: RunSpec, context: SweepContext, report: Callable[[dict], N
     try:
         result = train(spec, context.data_dir, folder.path, reporter=SweepReporter(logger, report, world))
     except Diverged as err:  # a property of the run, not a crash: recorded and not retried
-        print(f"[{spec.run_name}] diverged: {err}", flush=True)
         if logger:
+            print(f"[{spec.run_name}] diverged: {err}", flush=True)  # into the point's log
             logger.fail(f"diverged: {err}")
         return {"status": "diverged"}
     finally:
