@@ -106,7 +106,7 @@ def cmd_sweep(args) -> int:
     from pipeline.sweep import run_sweep
 
     return run_sweep(args.file, address=args.address, tracking_uri=args.tracking_uri, rerun_failed=args.rerun_failed,
-                     dry_run=args.dry_run)
+                     dry_run=args.dry_run, verbose=args.verbose)
 
 
 def cmd_status(args) -> int:
@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the file's)")
     p.add_argument("--dry-run", action="store_true", help="print the grid and exit")
     p.add_argument("--rerun-failed", action="store_true", help="run points that failed before again")
+    p.add_argument("--verbose", action="store_true",
+                   help="show every point's and Ray's raw output here (default: a progress table; each point's "
+                        "output in {storage}/logs/{run name}.log)")
     p.add_argument("--submit", action="store_true",
                    help="run the sweep as a Ray job on the cluster and return at once (see `isoflop status`)")
     p.set_defaults(func=cmd_sweep)

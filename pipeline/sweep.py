@@ -5,34 +5,44 @@ re-run skips what finished, resumes what was interrupted from its last checkpoin
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray
 import ray.train
 import torch
+import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipeline import tracking
 from pipeline.claim import PointClaim
 from pipeline.config import Resources, RunSpec, SweepConfig, variant_label
 from pipeline.data import load_dataset
-from pipeline.distributed import ensure_process_group
+from pipeline.distributed import device_for_rank, ensure_process_group
 from pipeline.errors import DataError, SweepError, TrackingError
 from pipeline.grid import GridPoint, expand_grid, format_grid, load_sweep
 from pipeline.mlflow_keys import FAILED, FINISHED, resolve_uri
+from pipeline.point_logs import output_to, point_log
 from pipeline.run_folder import RunFolder
 from pipeline.synthetic import synthetic
+from pipeline.terminal import SweepBoard, SweepProgress
 from pipeline.train import Diverged, Reporter, train
 
 # A trial that drives a Ray Train worker group only waits, so it holds no CPU (which would keep a 2-worker
 # trial off a 2-core machine); Tune needs it to hold something, so it holds a little memory.
 DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 2**20}
+# Ray Train sends a worker's print() to its logger as well, which writes it to stderr: in a point's log file,
+# where stdout and stderr both go, every line would appear twice
+QUIET_WORKERS = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
 CLAIM_POLL_SECONDS = 10.0  # how often a trial waiting on another sweep's training of its point looks again
 
 
@@ -47,6 +57,7 @@ class SweepContext:
     storage: str
     resources: Resources
     search_keys: tuple[str, ...] = ()  # the sweep's searched recipe keys, which name a run's variant
+    quiet: bool = True  # each point's output to its log file (pipeline.point_logs), not through Ray to the driver
 
     def logger(self, spec: RunSpec) -> tracking.RunLogger:
         return tracking.RunLogger(self.tracking_uri, self.experiment_id, spec, self.parent_run_id,
@@ -125,10 +136,12 @@ def resources_error(resources: Resources, cluster: dict) -> str:
 
 
 def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str | None = None,
-              rerun_failed: bool = False, dry_run: bool = False) -> int:
+              rerun_failed: bool = False, dry_run: bool = False, verbose: bool = False) -> int:
     """Plan, then train every point not finished yet; the exit code is 1 when any point failed.
 
     `address` (else $RAY_ADDRESS, which a Ray job's driver has) names a running cluster; None starts a local one.
+    Each point's output goes to `{storage}/logs/{run name}.log`; `verbose` sends it, and all of Ray's, to the
+    driver's terminal instead.
     """
     address = address or os.environ.get("RAY_ADDRESS")
     local = None if address else {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
@@ -146,10 +159,11 @@ def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str
     client = MlflowClient(plan.tracking_uri)
     parent = tracking.open_sweep_parent(client, plan.experiment_id, plan.sweep.name, Path(path), format_grid(plan.points))
     status = FAILED  # the sweep's run ends FINISHED only when every point did, KILLED when interrupted
+    # log_to_driver applies to this driver alone, so it also quiets a cluster joined through an address
     ray.init(address=address, num_cpus=local and local["CPU"], num_gpus=local and local["GPU"],
-             include_dashboard=False, log_to_driver=True)
+             include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
     try:
-        results = run_trials(plan, todo, parent)
+        results = run_trials(plan, todo, parent, quiet=not verbose)
         outcome = [r.metrics.get("status") if r.error is None else "errored" for r in results]
         unfinished = len(outcome) - outcome.count("finished") - outcome.count("skipped")
         status = FAILED if unfinished or failed else FINISHED
@@ -199,8 +213,9 @@ def pending_points(plan: SweepPlan, rerun_failed: bool) -> tuple[list[GridPoint]
     return todo, failed
 
 
-def run_trials(plan: SweepPlan, todo: list[GridPoint], parent_run_id: str):
-    """One Tune trial per point on the connected Ray cluster, as many at once as its resources hold."""
+def run_trials(plan: SweepPlan, todo: list[GridPoint], parent_run_id: str, quiet: bool = True):
+    """One Tune trial per point on the connected Ray cluster, as many at once as its resources hold, shown
+    by a SweepProgress (a live table on a terminal, plain lines elsewhere)."""
     sweep = plan.sweep
     concurrent = trials_that_fit(sweep.resources, ray.cluster_resources())
     if concurrent < 1:  # a remote cluster, only known once connected
@@ -209,7 +224,8 @@ def run_trials(plan: SweepPlan, todo: list[GridPoint], parent_run_id: str):
         concurrent = min(concurrent, sweep.resources.max_concurrent_trials)
     storage = str(Path(sweep.storage).resolve())
     context = SweepContext(sweep.name, plan.tracking_uri, plan.experiment_id, parent_run_id,
-                           str(Path(sweep.data.path).resolve()), storage, sweep.resources, tuple(sweep.search))
+                           str(Path(sweep.data.path).resolve()), storage, sweep.resources, tuple(sweep.search), quiet)
+    progress = SweepProgress(SweepBoard.of(sweep.name, (p.spec for p in todo)), storage, logs=quiet)
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), trial_resources(sweep.resources))
     tuner = tune.Tuner(
         trainable,
@@ -218,8 +234,31 @@ def run_trials(plan: SweepPlan, todo: list[GridPoint], parent_run_id: str):
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage,
                                   failure_config=tune.FailureConfig(max_failures=sweep.resources.max_failures),
-                                  callbacks=[SweepProgress(todo)], verbose=0))
-    return tuner.fit()
+                                  callbacks=[progress], verbose=0))
+    try:
+        with tune_output(quiet):
+            return tuner.fit()
+    finally:
+        progress.stop()
+
+
+@contextlib.contextmanager
+def tune_output(quiet: bool):
+    """Quiet: no experiment header (Tune's new output prints one even at verbose=0, the legacy one, chosen by
+    this variable, prints nothing) and no tracebacks from Tune's logger (each point's is in its log file, and
+    the progress display names the file and the error)."""
+    if not quiet:
+        yield
+        return
+    previous, logger = os.environ.get("RAY_AIR_NEW_OUTPUT"), logging.getLogger("ray.tune")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        os.environ.pop("RAY_AIR_NEW_OUTPUT") if previous is None else os.environ.update(RAY_AIR_NEW_OUTPUT=previous)
 
 
 def trial_name(trial) -> str:
@@ -243,14 +282,20 @@ def run_trial(config: dict, context: SweepContext) -> None:
     Either way checkpoints live in {storage}/runs/{run hash}/, so any restart resumes from the last one.
     """
     spec = RunSpec(**config["spec"])
-    claim = claim_point(spec, context)
-    if claim is None:  # another sweep finished it since this one was planned
-        tune.report({"status": "skipped"})
-        return
-    try:
-        tune.report(train_claimed(spec, config, context))
-    finally:
-        claim.release()
+    with point_output(spec, context):
+        claim = claim_point(spec, context)
+        if claim is None:  # another sweep finished it since this one was planned
+            tune.report({"status": "skipped"})
+            return
+        try:
+            tune.report(train_claimed(spec, config, context))
+        finally:
+            claim.release()
+
+
+def point_output(spec: RunSpec, context: SweepContext):
+    """Where this process's output goes while it works on the point: its log file, unless the sweep is verbose."""
+    return output_to(point_log(context.storage, spec.run_name)) if context.quiet else contextlib.nullcontext()
 
 
 def claim_point(spec: RunSpec, context: SweepContext) -> PointClaim | None:
@@ -269,6 +314,7 @@ def claim_point(spec: RunSpec, context: SweepContext) -> PointClaim | None:
     while not claim.take():
         if not said:
             print(f"[{spec.run_name}] another sweep is training this point (lease {claim.holder()}); waiting", flush=True)
+            tune.report({"waiting_on": claim.holder()})
             said = True
         time.sleep(CLAIM_POLL_SECONDS)
         if finished():
@@ -281,7 +327,7 @@ def train_claimed(spec: RunSpec, config: dict, context: SweepContext) -> dict:
     res = context.resources
     if res.workers_per_trial == 1 and not res.worker_group:
         torch.set_num_threads(max(1, int(res.cpus_per_worker)))
-        outcome = train_point(spec, context)
+        outcome = train_point(spec, context, tune.report)
     else:
         trainer = TorchTrainer(
             train_worker,
@@ -291,7 +337,9 @@ def train_claimed(spec: RunSpec, config: dict, context: SweepContext) -> dict:
                 resources_per_worker={"CPU": res.cpus_per_worker,
                                       **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}),
             run_config=ray.train.RunConfig(name=spec.run_hash, storage_path=context.storage,
-                                           failure_config=ray.train.FailureConfig(max_failures=res.max_failures)))
+                                           failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
+                                           callbacks=[TuneReportCallback()],  # the workers' reports reach Tune
+                                           worker_runtime_env=QUIET_WORKERS if context.quiet else None))
         try:
             trainer.fit()
         except Exception as err:
@@ -307,19 +355,47 @@ def train_worker(config: dict) -> None:
     os.environ["LOCAL_RANK"] = str(ray.train.get_context().get_local_rank())
     context: SweepContext = config["context"]
     torch.set_num_threads(max(1, int(context.resources.cpus_per_worker)))
-    train_point(RunSpec(**config["spec"]), context)
+    spec = RunSpec(**config["spec"])
+    with point_output(spec, context):
+        train_point(spec, context, ray.train.report)
 
 
-class MlflowReporter(Reporter):
-    def __init__(self, logger: tracking.RunLogger | None):
-        self.logger = logger
+# what a log window tells the sweep's driver (pipeline.terminal)
+PROGRESS_KEYS = ("step", "loss", "tokens", "tokens_per_s")
+# Windows reach the driver at most this often: its display needs no more, and Ray Train's controller takes a
+# worker's report once per 2 s poll, holding a rank that reports sooner until then.
+REPORT_EVERY_SECONDS = 3.0
+
+
+class SweepReporter(Reporter):
+    """Rank 0's rows to MLflow; log windows, at most one per REPORT_EVERY_SECONDS, from every rank to Ray
+    (Tune's report in a one-worker trial, Train's, which is collective, in a worker group), which hands rank 0's
+    to the driver's progress display."""
+
+    def __init__(self, logger: tracking.RunLogger | None, report: Callable[[dict], None], world: int):
+        self.logger, self.report, self.world = logger, report, world
+        self.last = float("-inf")
 
     def metrics(self, rows: list[dict]) -> None:
         if self.logger:
             self.logger.log_metrics(rows)
 
+    def progress(self, row: dict, steps: int) -> None:
+        if self.due():
+            self.last = time.monotonic()
+            self.report({**{key: row[key] for key in PROGRESS_KEYS}, "steps": steps})
 
-def train_point(spec: RunSpec, context: SweepContext) -> dict:
+    def due(self) -> bool:
+        """Rank 0's clock decides for every rank, since a collective report must be made by all or none."""
+        due = time.monotonic() - self.last >= REPORT_EVERY_SECONDS
+        if self.world == 1:
+            return due
+        flag = torch.tensor([float(due)], device=device_for_rank())
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+
+def train_point(spec: RunSpec, context: SweepContext, report: Callable[[dict], None]) -> dict:
     """Train (or resume) one grid point on this rank; rank 0 records it in MLflow. Returns a status dict."""
     rank, world = ensure_process_group()
     folder = RunFolder(Path(context.storage) / "runs" / spec.run_hash)
@@ -332,9 +408,10 @@ def train_point(spec: RunSpec, context: SweepContext) -> dict:
                           {"run": spec.to_dict(), "sweep": context.name})
     monitor = logger.watch_system() if logger else None
     try:
-        result = train(spec, context.data_dir, folder.path, reporter=MlflowReporter(logger))
+        result = train(spec, context.data_dir, folder.path, reporter=SweepReporter(logger, report, world))
     except Diverged as err:  # a property of the run, not a crash: recorded and not retried
         if logger:
+            print(f"[{spec.run_name}] diverged: {err}", flush=True)  # into the point's log
             logger.fail(f"diverged: {err}")
         return {"status": "diverged"}
     finally:
@@ -343,34 +420,3 @@ def train_point(spec: RunSpec, context: SweepContext) -> dict:
     if logger:
         logger.finish(asdict(result), folder.files)
     return {"status": "finished"}
-
-
-class SweepProgress(tune.Callback):
-    """One line per trial event: done / running / pending / failed, and an ETA from the FLOPs done so far."""
-
-    def __init__(self, points: list[GridPoint]):
-        self.flops = {p.spec.run_hash: p.plan.flops for p in points}
-        self.started = time.monotonic()
-
-    def _report(self, trials) -> None:
-        state = {"done": 0, "running": 0, "pending": 0, "failed": 0}
-        done_flops = 0.0
-        for trial in trials:
-            key = {"TERMINATED": "done", "RUNNING": "running", "ERROR": "failed"}.get(trial.status, "pending")
-            state[key] += 1
-            if key == "done":
-                done_flops += self.flops.get(RunSpec(**trial.config["spec"]).run_hash, 0.0)
-        elapsed = time.monotonic() - self.started
-        remaining = sum(self.flops.values()) - done_flops
-        eta = f"ETA {remaining * elapsed / done_flops:,.0f}s" if done_flops else "ETA after the first run"
-        print(f"[sweep] {state['done']} done, {state['running']} running, {state['pending']} pending, "
-              f"{state['failed']} failed | {elapsed:,.0f}s elapsed | {eta}", flush=True)
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._report(trials)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._report(trials)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._report(trials)

@@ -61,6 +61,10 @@ class Reporter:
         """Rank 0, every log_every steps: one dict for the window (step: its last, loss: its mean, lr: its last,
         tokens, flops, tokens_per_s, and mfu on GPUs), so a tracker's store grows with steps / log_every."""
 
+    def progress(self, row: dict, steps: int) -> None:
+        """Every rank, after each log window: the window's row (rank 0's is the one `metrics` got) and the run's
+        total steps, for a live display of the run; every rank, since Ray Train's report is collective."""
+
     def checkpoint(self, step: int, directory: Path, metrics: dict) -> None:
         """Every rank, after a checkpoint is saved and all ranks have finished writing it."""
 
@@ -213,6 +217,7 @@ class LogWindow:
             reporter.metrics([row])
             if verbose:
                 _print_progress(row, plan, rate)
+        reporter.progress(row, plan.steps)
         self.losses, self.clock = [], time.perf_counter()
 
 
