@@ -60,7 +60,7 @@ def export(trained: TrainedModel, out: str | Path, tokenizer: Tokenizer, overwri
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if is_llama(config):
+    if config.llama_compatible:
         return Exported(out, "a Hugging Face LlamaForCausalLM: AutoModelForCausalLM.from_pretrained and "
                              "AutoTokenizer.from_pretrained load it")
     return Exported(out, f"an {trained.family!r} (bidirectional attention, mask token id {config.mask_token_id}) "
@@ -75,11 +75,6 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise ExportError(f"--out: {out} exists and is not an empty folder; refusing to write there")
     if not overwrite:
         raise ExportError(f"--out: {out} already holds an export; pass --overwrite to replace it")
-
-
-def is_llama(config: ModelConfig) -> bool:
-    """Whether transformers' LlamaForCausalLM computes this model: causal, and no mask token."""
-    return config.causal and not config.mask_token
 
 
 # ------------------------------------------------------------------------------------- tensor names
@@ -122,8 +117,8 @@ def model_config_json(trained: TrainedModel, tokenizer: Tokenizer) -> dict:
     model, config = trained.model, trained.model.config
     shape = config.shape
     fields = {
-        "architectures": ["LlamaForCausalLM"] if is_llama(config) else ["IsoflopMaskedDiffusion"],
-        "model_type": "llama" if is_llama(config) else "isoflop_mdm",
+        "architectures": ["LlamaForCausalLM"] if config.llama_compatible else ["IsoflopMaskedDiffusion"],
+        "model_type": "llama" if config.llama_compatible else "isoflop_mdm",
         "vocab_size": config.vocab_size, "hidden_size": shape.d_model, "intermediate_size": shape.d_ff,
         "num_hidden_layers": shape.n_layer, "num_attention_heads": shape.n_head,
         "num_key_value_heads": shape.n_head, "head_dim": shape.head_size, "hidden_act": "silu",
@@ -132,9 +127,8 @@ def model_config_json(trained: TrainedModel, tokenizer: Tokenizer) -> dict:
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
         "bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id, "dtype": "float32",
     }
-    if not is_llama(config):
-        fields |= {"is_causal": config.causal, "mask_token_id": config.mask_token_id,
-                   "input_vocab_size": config.input_vocab_size}
+    if not config.llama_compatible:
+        fields |= config.attention_fields()
     tokenizer_fields = {"kind": tokenizer.kind, "name": tokenizer.name, "vocab_size": tokenizer.vocab_size,
                         "eos_id": tokenizer.eos_id}
     return {**fields, "isoflop": {"family": trained.family.name, "tokenizer": tokenizer_fields,

@@ -35,6 +35,15 @@ class ModelConfig:
     def input_vocab_size(self) -> int:
         return self.vocab_size + int(self.mask_token)
 
+    @property
+    def llama_compatible(self) -> bool:
+        """Whether a standard Llama decoder computes this model: causal attention and no mask token."""
+        return self.causal and not self.mask_token
+
+    def attention_fields(self) -> dict:
+        """What sets this model apart from a Llama decoder, for a config written beside its weights."""
+        return {"is_causal": self.causal, "mask_token_id": self.mask_token_id, "input_vocab_size": self.input_vocab_size}
+
 
 def init_std(name: str, shape: Shape, scheme: str) -> float:
     """The initial std of the weight matrix `name` (a parameter name of Transformer).
