@@ -74,7 +74,7 @@ def prepare(inputs: list[str], out: str | Path, *, tokenizer: str = "byte", val_
         say(f"{out} is up to date with its inputs: nothing to do")
         return load_dataset(out).info
     check_target(out, overwrite)
-    tallies = _count(files, text_field, max_missing, say)
+    tallies = _count(files, text_field, max_missing, _Progress(say, len(files)))
     n_docs = sum(t.documents for t in tallies)
     if n_docs < 2:
         raise DataError(f"inputs: {', '.join(map(str, files))} hold {n_docs} document; need 2 or more "
@@ -87,11 +87,12 @@ def prepare(inputs: list[str], out: str | Path, *, tokenizer: str = "byte", val_
             say(f"training {tokenizer} on {n_docs:,} documents")
         codec = Tokenizer.from_spec(tokenizer, documents(files, text_field))  # reads documents only to train BPE
         codec.save(folder)  # before write_dataset, which fingerprints tokenizer.json with the tokens
-        batches = _batches(documents(files, text_field), val_docs, n_docs)
+        progress = _Progress(say, len(files))
+        batches = _batches(documents(files, text_field, progress.files), val_docs, n_docs)
         if codec.kind == "byte":
             jobs = 1  # encoding bytes costs less than sending them to a worker
         dtype = token_dtype(codec.vocab_size)
-        shards, val_bytes = _write_shards(folder, encode_all(codec, batches, dtype, jobs), shard_tokens, say, jobs)
+        shards, val_bytes = _write_shards(folder, encode_all(codec, batches, dtype, jobs), shard_tokens, progress)
         counts = {split: sum(n for _, n in shards[split]) for split in SPLITS}
         write_dataset(folder, codec.name, codec.vocab_size, codec.eos_id, counts,
                       {"bytes_per_token": val_bytes / counts["val"], "val_fraction": val_fraction, "seed": seed,
@@ -102,11 +103,12 @@ def prepare(inputs: list[str], out: str | Path, *, tokenizer: str = "byte", val_
     return load_dataset(out).info
 
 
-def _count(files: list[Path], text_field: str, max_missing: float, say: Callable[[str], None]) -> list[Tally]:
+def _count(files: list[Path], text_field: str, max_missing: float, progress: _Progress) -> list[Tally]:
     """The first pass: every record read and checked, documents and records without the field counted."""
-    tallies: list[Tally] = []
-    for _ in documents(files, text_field, tallies):
-        pass
+    tallies, say = progress.files, progress.say
+    for n, _ in enumerate(documents(files, text_field, tallies), 1):
+        if n % 10_000 == 0:
+            progress.report(f"counted {n:,} documents")
     for path, tally in zip(files, tallies):
         if tally.records and tally.missing == tally.records:
             raise DataError(f"inputs: {path}: no record has the field {text_field!r}; choose it with --text-field")
@@ -144,25 +146,38 @@ def _batches(docs: Iterator[str], val_docs: np.ndarray, n_docs: int) -> Iterator
         raise DataError(f"inputs: changed while being prepared ({n_docs:,} documents counted, then {first:,} read)")
 
 
-def _write_shards(folder: Path, encoded: Iterator[Encoded], shard_tokens: int, say: Callable[[str], None],
-                  jobs: int) -> tuple[dict[str, list[tuple[str, int]]], int]:
+def _write_shards(folder: Path, encoded: Iterator[Encoded], shard_tokens: int,
+                  progress: _Progress) -> tuple[dict[str, list[tuple[str, int]]], int]:
     """Write the batches' ids in order; return each split's (shard file, tokens) list and the val split's bytes."""
     shards = {split: _Shards(folder, split, shard_tokens) for split in SPLITS}
-    val_bytes, start, last_report = 0, time.monotonic(), time.monotonic()
+    val_bytes, tokens = 0, 0
     try:
         for batch in encoded:
             shards["train"].write(batch.train)
             shards["val"].write(batch.val)
             val_bytes += batch.val_bytes
-            if time.monotonic() - last_report >= PROGRESS_SECONDS:
-                last_report = time.monotonic()
-                tokens = sum(s.tokens for s in shards.values())
-                rate = tokens / (last_report - start)
-                say(f"tokenized {tokens:,} tokens, {rate:,.0f} tokens/s ({rate / jobs:,.0f} per worker)")
+            tokens += len(batch.train) + len(batch.val)
+            progress.report(f"tokenized {tokens:,} tokens", tokens)
     finally:
         for split in SPLITS:
             shards[split].close()
     return {split: shards[split].listed for split in SPLITS}, val_bytes
+
+
+class _Progress:
+    """A line every PROGRESS_SECONDS while a pass runs: its count, rate and the file being read."""
+
+    def __init__(self, say: Callable[[str], None], n_files: int):
+        self.say, self.n_files, self.files = say, n_files, []  # files: a Tally per file started
+        self._start = self._last = time.monotonic()
+
+    def report(self, done: str, tokens: int | None = None) -> None:
+        now = time.monotonic()
+        if now - self._last < PROGRESS_SECONDS:
+            return
+        self._last = now
+        rate = f", {tokens / (now - self._start):,.0f} tokens/s" if tokens is not None else ""
+        self.say(f"{done}{rate}; reading file {len(self.files)} of {self.n_files}")
 
 
 class _Shards:

@@ -86,7 +86,7 @@ def test_small_blocks_workers_shards_and_compression_keep_the_stream(tmp_path, m
     for split in ("train", "val"):
         assert np.array_equal(old.read_split(split), new.read_split(split))
     for step in range(0, 40, 7):  # blocks that straddle two shards read the same as from one file
-        args = dict(step=step, rank=0, world_size=1, batch_size=8, seq_len=63, seed=1)
+        args = {"step": step, "rank": 0, "world_size": 1, "batch_size": 8, "seq_len": 63, "seed": 1}
         assert torch.equal(old.train_batch(**args), new.train_batch(**args))
     assert torch.equal(old.val_blocks(seq_len=63, max_blocks=50), new.val_blocks(seq_len=63, max_blocks=50))
 
@@ -193,14 +193,14 @@ def test_cli_prepares_a_compressed_glob_with_bpe(tmp_path):
         compress(Path(jsonl(folder / f"part{i}.jsonl", [{"content": d, "i": j} for j, d in enumerate(docs[i::3])])), "zst")
     command = [sys.executable, "-m", "pipeline.cli", "data", "prepare", str(folder / "*.jsonl.zst"),
                "--text-field", "content", "--tokenizer", "bpe:300", "--out", str(tmp_path / "out"), "--jobs", "2"]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     info = load_dataset(tmp_path / "out").info
     assert f"fingerprint {info.fingerprint}" in proc.stdout and info.tokenizer == "bpe:300"
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode == 0 and "nothing to do" in again.stderr
     bad = subprocess.run(command[:-4] + ["--text-field", "body", "--out", str(tmp_path / "x")], capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no record has the field 'body'" in bad.stderr
 
 
@@ -215,3 +215,14 @@ def test_txt_read_in_blocks_splits_as_if_read_whole(tmp_path, monkeypatch, block
     monkeypatch.setattr(corpus, "BLOCK_BYTES", block_bytes)
     whole = [doc.strip() for doc in re.split(r"\n\s*\n", text) if doc.strip()]  # how the file was read before
     assert list(corpus.documents([tmp_path / "a.txt"])) == whole
+
+
+def test_long_passes_report_progress(tmp_path, monkeypatch):
+    monkeypatch.setattr(preparing, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(preparing, "BATCH_CHARS", 2000)
+    said = []
+    prepare(mixed_inputs(tmp_path / "in"), tmp_path / "out", jobs=1, progress=said.append)
+    tokenized = [line for line in said if line.startswith("tokenized")]
+    assert len(tokenized) > 5 and all(re.fullmatch(r"tokenized [\d,]+ tokens, [\d,]+ tokens/s; reading file [123] of 3",
+                                                   line) for line in tokenized)
+    assert tokenized[-1].endswith("file 3 of 3")
