@@ -68,6 +68,7 @@ def prepare(inputs: list[str], out: str | Path, *, tokenizer: str = "byte", val_
     jobs = _cores() if jobs is None else jobs
     if jobs < 1 or shard_tokens < 1:
         raise DataError(f"jobs, shard_tokens: must be positive, got jobs={jobs} shard_tokens={shard_tokens}")
+    Tokenizer.check_spec(tokenizer)
     files = expand(inputs)
     source = _source(files, tokenizer, text_field, val_fraction, seed)
     if not overwrite and _recorded_source(out) == source:

@@ -226,3 +226,16 @@ def test_long_passes_report_progress(tmp_path, monkeypatch):
     assert len(tokenized) > 5 and all(re.fullmatch(r"tokenized [\d,]+ tokens, [\d,]+ tokens/s; reading file [123] of 3",
                                                    line) for line in tokenized)
     assert tokenized[-1].endswith("file 3 of 3")
+
+
+def test_a_bad_tokenizer_fails_before_reading_any_input(tmp_path, monkeypatch):
+    inputs = mixed_inputs(tmp_path / "in")
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("read the inputs")
+
+    monkeypatch.setattr(preparing, "documents", no_reading)
+    for spec, message in {"bpe:100": "VOCAB must be an integer above 257", "gpt2": "must be 'byte', 'bpe:VOCAB'",
+                          str(tmp_path / "none.json"): "no such file"}.items():
+        with pytest.raises(DataError, match=message):
+            prepare(inputs, tmp_path / "out", tokenizer=spec)
