@@ -35,7 +35,7 @@ def cmd_data_prepare(args) -> int:
     info = prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction, seed=args.seed,
                    text_field=args.text_field, max_missing=args.max_missing, jobs=args.jobs, overwrite=args.overwrite,
                    progress=lambda line: print(line, file=sys.stderr, flush=True))
-    print(f"wrote {info.path}: {info.tokens['train']:,} train + {info.tokens['val']:,} val tokens, "
+    print(f"dataset {info.path}: {info.tokens['train']:,} train + {info.tokens['val']:,} val tokens, "
           f"vocab {info.vocab_size}, fingerprint {info.fingerprint}")
     return 0
 

@@ -122,7 +122,7 @@ def _count(files: list[Path], text_field: str, max_missing: float, progress: _Pr
                 f"(most in {worst[0]}: {worst[1].missing:,})")
         if missing > max_missing * records:
             raise DataError(f"inputs: {line}, above --max-missing {max_missing:.2%}")
-        say(f"skipping {line}")
+        say(f"{line}; skipping them")
     return tallies
 
 
