@@ -39,6 +39,7 @@ class Tally:
     records: int = 0
     missing: int = 0
     documents: int = 0
+    characters: int = 0  # of the documents
 
 
 def expand(inputs: list[str]) -> list[Path]:
@@ -82,6 +83,7 @@ def documents(files: list[Path], text_field: str = "text", tallies: list[Tally] 
             for doc in read(stream, path, text_field, tally):
                 if doc:
                     tally.documents += 1
+                    tally.characters += len(doc)
                     yield doc
 
 

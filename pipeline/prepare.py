@@ -90,8 +90,9 @@ def prepare(inputs: list[str], out: str | Path, *, tokenizer: str = "byte", val_
         codec.save(folder)  # before write_dataset, which fingerprints tokenizer.json with the tokens
         progress = _Progress(say, len(files))
         batches = _batches(documents(files, text_field, progress.files), val_docs, n_docs)
-        if codec.kind == "byte":
-            jobs = 1  # encoding bytes costs less than sending them to a worker
+        n_batches = 1 + max(sum(t.characters for t in tallies) // BATCH_CHARS, n_docs // BATCH_DOCS)
+        if codec.kind == "byte" or n_batches == 1:
+            jobs = 1  # encoding bytes, or a single batch, costs less than starting workers and sending them text
         dtype = token_dtype(codec.vocab_size)
         shards, val_bytes = _write_shards(folder, encode_all(codec, batches, dtype, jobs), shard_tokens, progress)
         counts = {split: sum(n for _, n in shards[split]) for split in SPLITS}
