@@ -15,7 +15,7 @@ import zstandard
 
 import pipeline.prepare as preparing
 from pipeline import corpus
-from pipeline.data import load_dataset
+from pipeline.data import load_dataset, write_dataset
 from pipeline.errors import DataError
 from pipeline.prepare import prepare
 
@@ -239,3 +239,23 @@ def test_a_bad_tokenizer_fails_before_reading_any_input(tmp_path, monkeypatch):
                           str(tmp_path / "none.json"): "no such file"}.items():
         with pytest.raises(DataError, match=message):
             prepare(inputs, tmp_path / "out", tokenizer=spec)
+
+
+def test_a_folder_in_the_old_one_file_layout_reads_the_same(tmp_path, monkeypatch):
+    # The layout before sharding: train.bin / val.bin and a format-1 meta.json without a shard list.
+    inputs = mixed_inputs(tmp_path / "in")
+    sharded = prepare(inputs, tmp_path / "new", tokenizer="bpe:300", jobs=1, shard_tokens=2000)
+    old = tmp_path / "old"
+    old.mkdir()
+    meta = json.loads((tmp_path / "new" / "meta.json").read_text())
+    for split in ("train", "val"):
+        with open(old / f"{split}.bin", "wb") as f:
+            f.writelines((tmp_path / "new" / shard["file"]).read_bytes() for shard in meta["shards"][split])
+    (old / "tokenizer.json").write_bytes((tmp_path / "new" / "tokenizer.json").read_bytes())
+    write_dataset(old, meta["tokenizer"], meta["vocab_size"], meta["eos_id"], meta["tokens"], {})
+    assert json.loads((old / "meta.json").read_text())["format"] == 1
+    a, b = load_dataset(old), load_dataset(tmp_path / "new")
+    assert a.info.fingerprint == sharded.fingerprint == PINNED["bpe:300", 0.01, 0] and len(meta["shards"]["train"]) > 5
+    for step in range(0, 30, 3):
+        args = {"step": step, "rank": 0, "world_size": 1, "batch_size": 4, "seq_len": 100, "seed": 2}
+        assert torch.equal(a.train_batch(**args), b.train_batch(**args))
