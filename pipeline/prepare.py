@@ -53,7 +53,8 @@ def prepare(inputs: list[str], out: str | Path, *, tokenizer: str = "byte", val_
     .gz or .zst; empty documents are skipped. Records without the field are skipped and counted; more
     than `max_missing` of all records without it fails, as does a file where none has it. Input that
     is not valid UTF-8, or a compressed file cut short, fails naming the file. `jobs` worker processes
-    tokenize (default: one per core). `progress` receives one-line reports of long work.
+    tokenize (default: one per core; they are spawned, so a script calling this with more than one
+    needs the usual `if __name__ == "__main__":` guard). `progress` receives one-line reports of long work.
     """
     say = progress or (lambda line: None)
     out = Path(out)
