@@ -32,9 +32,10 @@ def cmd_models(args) -> int:
 def cmd_data_prepare(args) -> int:
     from pipeline.prepare import prepare
 
-    info = prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-                        seed=args.seed, overwrite=args.overwrite)
-    print(f"wrote {info.path}: {info.tokens['train']:,} train + {info.tokens['val']:,} val tokens, "
+    info = prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction, seed=args.seed,
+                   text_field=args.text_field, max_missing=args.max_missing, jobs=args.jobs, overwrite=args.overwrite,
+                   progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"dataset {info.path}: {info.tokens['train']:,} train + {info.tokens['val']:,} val tokens, "
           f"vocab {info.vocab_size}, fingerprint {info.fingerprint}")
     return 0
 
@@ -252,13 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     data = sub.add_parser("data", help="prepare token data").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("prepare", help="tokenize .txt/.jsonl/.parquet files into memmap shards")
-    p.add_argument("inputs", nargs="+", help="files or globs")
+    p = data.add_parser("prepare", help="tokenize .txt/.jsonl/.parquet files (plain, .gz or .zst) into memmap shards")
+    p.add_argument("inputs", nargs="+", help="files or globs (quote them: the program expands them)")
     p.add_argument("--out", required=True)
     p.add_argument("--tokenizer", default="byte", help="byte | bpe:VOCAB (trained on the input) | PATH/tokenizer.json")
+    p.add_argument("--text-field", default="text", help="the .jsonl field or .parquet column holding each document")
+    p.add_argument("--max-missing", type=float, default=0.01,
+                   help="fail if more than this fraction of records lack the text field (default 0.01)")
+    p.add_argument("--jobs", type=int, default=None, help="tokenizing worker processes (default: one per core)")
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset made from other inputs, or rebuild")
     p.set_defaults(func=cmd_data_prepare)
     p = data.add_parser("synthetic", help="generate the built-in synthetic corpus (known entropy rate)")
     p.add_argument("--out", required=True)

@@ -1,8 +1,12 @@
 """The on-disk token dataset: its format, reading batches from it, and the helpers that write one.
 
-A dataset is a folder holding `train.bin` and `val.bin` (raw uint16 or uint32 token ids, documents
+A dataset is a folder holding each split's token stream (raw uint16 or uint32 token ids, documents
 packed and each followed by EOS), `meta.json`, and `tokenizer.json` when a Hugging Face tokenizer
-made it. Folders are built under a hidden sibling name and renamed into place when complete, so a
+made it. A split's stream is one file, `train.bin` / `val.bin` (format 1: the synthetic corpus, and
+folders prepared before sharding), or the concatenation of the shard files meta.json lists in order
+(format 2: `train-00000.bin`, ..., at most SHARD_TOKENS tokens each, so files stay a manageable size
+however large the corpus). Both read as one stream, and the fingerprint hashes that stream, so a
+corpus has the same fingerprint and the same batches in either layout. Folders are built under a hidden sibling name and renamed into place when complete, so a
 folder with a `meta.json` is always a finished one. Two writers make them: pipeline.prepare (real
 text) and pipeline.synthetic (the synthetic corpus, see docs/synthetic_corpus.md).
 
@@ -22,16 +26,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import torch
 
 from pipeline.errors import DataError
 from pipeline.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    import torch
+
 META = "meta.json"
-FORMAT = 1
+FORMAT = 1           # one file per split
+SHARDED_FORMAT = 2   # shard files per split, listed in meta.json
+SHARD_TOKENS = 1 << 29
 SPLITS = ("train", "val")
 
 
@@ -56,9 +64,9 @@ class DatasetInfo:
 class TokenDataset:
     """A prepared folder opened as memmaps; every read is a pure function of its arguments."""
 
-    def __init__(self, info: DatasetInfo, dtype: np.dtype):
+    def __init__(self, info: DatasetInfo, dtype: np.dtype, shards: dict[str, list[tuple[str, int]]]):
         self.info = info
-        self._split = {s: np.memmap(info.path / f"{s}.bin", dtype=dtype, mode="r") for s in SPLITS}
+        self._split = {s: _Stream([info.path / name for name, _ in shards[s]], dtype) for s in SPLITS}
 
     def num_train_blocks(self, seq_len: int) -> int:
         return self.info.train_blocks(seq_len)
@@ -93,8 +101,38 @@ class TokenDataset:
 
     def _blocks(self, split: str, blocks: np.ndarray, seq_len: int) -> torch.LongTensor:
         width = seq_len + 1
-        index = blocks[:, None] * width + np.arange(width)  # memmap fancy indexing reads only these pages
-        return torch.from_numpy(np.array(self._split[split][index], dtype=np.int64))
+        index = blocks[:, None] * width + np.arange(width)
+        import torch  # here, not at the top: `isoflop data prepare` never loads torch (200 MB less per process)
+
+        return torch.from_numpy(self._split[split].take(index).astype(np.int64))
+
+    def read_split(self, split: str) -> np.ndarray:
+        """A whole split's token stream in memory, for inspection (training reads blocks)."""
+        return self._split[split].whole()
+
+
+class _Stream:
+    """A split's shard files as one array of token ids, memory-mapped."""
+
+    def __init__(self, files: list[Path], dtype: np.dtype):
+        self._parts = [np.memmap(f, dtype=dtype, mode="r") for f in files]
+        self._starts = np.cumsum([0] + [len(p) for p in self._parts])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def whole(self) -> np.ndarray:
+        return np.concatenate([np.asarray(part) for part in self._parts])
+
+    def take(self, index: np.ndarray) -> np.ndarray:
+        if len(self._parts) == 1:
+            return np.asarray(self._parts[0][index])  # memmap fancy indexing reads only these pages
+        shard = np.searchsorted(self._starts, index, side="right") - 1
+        out = np.empty(index.shape, dtype=self._parts[0].dtype)
+        for k in np.unique(shard):
+            here = shard == k
+            out[here] = self._parts[k][index[here] - self._starts[k]]
+        return out
 
 
 @lru_cache(maxsize=4)
@@ -124,30 +162,48 @@ def load_dataset(path: str | Path) -> TokenDataset:
             raise DataError(f"data: {meta_file}: field {name!r} is missing or not {getattr(kind, '__name__', kind)}: {value!r}")
         return value
 
-    if field("format", int) != FORMAT:
-        raise DataError(f"data: {meta_file}: format {meta['format']} is not {FORMAT}; prepare it again")
+    layout = field("format", int)
+    if layout not in (FORMAT, SHARDED_FORMAT):
+        raise DataError(f"data: {meta_file}: format {layout} is not {FORMAT} or {SHARDED_FORMAT}; prepare it again")
     dtype = field("dtype", str)
     if dtype not in ("uint16", "uint32"):
         raise DataError(f"data: {meta_file}: dtype must be uint16 or uint32, got {dtype!r}")
     vocab_size, eos_id, tokens = field("vocab_size", int), field("eos_id", int), field("tokens", dict)
     if not 0 <= eos_id < vocab_size <= np.iinfo(dtype).max + 1:
         raise DataError(f"data: {meta_file}: eos_id={eos_id} / vocab_size={vocab_size} do not fit {dtype}")
+    shards = {}
     for split in SPLITS:
         n = tokens.get(split)
         if not isinstance(n, int) or n < 1:
             raise DataError(f"data: {meta_file}: tokens.{split} must be a positive integer, got {n!r}")
-        shard = path / f"{split}.bin"
-        size = shard.stat().st_size if shard.is_file() else None
-        if size != n * np.dtype(dtype).itemsize:
-            raise DataError(f"data: {shard}: expected {n} {dtype} tokens, found "
-                            f"{'no file' if size is None else f'{size} bytes'} (corrupt or incomplete)")
+        shards[split] = [(f"{split}.bin", n)] if layout == FORMAT else _listed_shards(meta, meta_file, split, n)
+        for name, count in shards[split]:
+            shard = path / name
+            size = shard.stat().st_size if shard.is_file() else None
+            if size != count * np.dtype(dtype).itemsize:
+                raise DataError(f"data: {shard}: expected {count} {dtype} tokens, found "
+                                f"{'no file' if size is None else f'{size} bytes'} (corrupt or incomplete)")
     optional = {name: meta.get(name) for name in ("entropy_rate_nats", "bytes_per_token")}
     for name, value in optional.items():
         if value is not None and not isinstance(value, (int, float)):
             raise DataError(f"data: {meta_file}: field {name!r} must be a number or null, got {value!r}")
     info = DatasetInfo(path=path, vocab_size=vocab_size, eos_id=eos_id, tokenizer=field("tokenizer", str),
                        fingerprint=field("fingerprint", str), tokens={s: tokens[s] for s in SPLITS}, **optional)
-    return TokenDataset(info, np.dtype(dtype))
+    return TokenDataset(info, np.dtype(dtype), shards)
+
+
+def _listed_shards(meta: dict, meta_file: Path, split: str, n: int) -> list[tuple[str, int]]:
+    """A sharded folder's (file name, tokens) list for one split, checked against the split's total."""
+    listed = meta.get("shards", {}).get(split) if isinstance(meta.get("shards"), dict) else None
+    try:
+        shards = [(entry["file"], entry["tokens"]) for entry in listed]
+    except (TypeError, KeyError):
+        shards = []
+    if not shards or any(not isinstance(name, str) or Path(name).name != name or not isinstance(count, int)
+                         or count < 1 for name, count in shards) or sum(c for _, c in shards) != n:
+        raise DataError(f"data: {meta_file}: shards.{split} must list files in this folder whose tokens add "
+                        f"up to tokens.{split}={n}, got {listed!r:.200}")
+    return shards
 
 
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:
@@ -199,16 +255,23 @@ def check_target(out: Path, overwrite: bool) -> None:
 
 
 def write_dataset(folder: Path, tokenizer: str, vocab_size: int, eos_id: int, tokens: dict[str, int],
-                  extra: dict) -> None:
-    """Fingerprint the token files already in `folder` and write meta.json (last, so it marks completion)."""
+                  extra: dict, shards: dict[str, list[tuple[str, int]]] | None = None) -> None:
+    """Fingerprint the token files already in `folder` and write meta.json (last, so it marks completion).
+
+    Without `shards` each split is `{split}.bin` (format 1); with it, the listed (file, tokens) shards
+    in order (format 2). The fingerprint hashes the tokenizer, then the train stream, then the val stream."""
     digest = hashlib.sha256()
     tokenizer_json = folder / "tokenizer.json"
     digest.update(tokenizer_json.read_bytes() if tokenizer_json.exists() else tokenizer.encode())
+    files = shards or {split: [(f"{split}.bin", tokens[split])] for split in SPLITS}
     for split in SPLITS:
-        with open(folder / f"{split}.bin", "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                digest.update(chunk)
-    meta = {"format": FORMAT, "tokenizer": tokenizer, "vocab_size": vocab_size, "eos_id": eos_id,
+        for name, _ in files[split]:
+            with open(folder / name, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(chunk)
+    layout = {"format": SHARDED_FORMAT, "shards": {split: [{"file": name, "tokens": n} for name, n in files[split]]
+                                                  for split in SPLITS}} if shards else {"format": FORMAT}
+    meta = {**layout, "tokenizer": tokenizer, "vocab_size": vocab_size, "eos_id": eos_id,
             "dtype": token_dtype(vocab_size).name, "tokens": tokens, "fingerprint": digest.hexdigest()[:16],
             "entropy_rate_nats": None, "bytes_per_token": None, **extra}
     (folder / META).write_text(json.dumps(meta, indent=2) + "\n")

@@ -43,9 +43,19 @@ class Tokenizer:
         elif spec.endswith(".json"):
             hf = _load_with_eos(spec)
         else:
-            raise DataError(f"tokenizer: must be 'byte', 'bpe:VOCAB' or an existing tokenizer.json, got {spec!r}")
+            raise _bad_spec(spec)
         eos_id = next(hf.token_to_id(name) for name in EOS_NAMES if hf.token_to_id(name) is not None)
         return cls("hf", hf.get_vocab_size(), eos_id, hf, name=spec)
+
+    @staticmethod
+    def check_spec(spec: str) -> None:
+        """Fail on a spec `from_spec` cannot make, without training or reading documents."""
+        if spec.startswith("bpe:"):
+            _bpe_vocab(spec)
+        elif spec.endswith(".json"):
+            _load_with_eos(spec)
+        elif spec != "byte":
+            raise _bad_spec(spec)
 
     @classmethod
     def from_file(cls, path: str | Path, *, vocab_size: int, eos_id: int, name: str) -> Tokenizer:
@@ -134,19 +144,28 @@ def _byte_symbols() -> list[str]:
 
 def _train_bpe(spec: str, documents: Iterable[str]):
     """A byte-level BPE of VOCAB ids (EOS included), so every string encodes without an unknown token."""
-    vocab = spec[4:]
-    if not vocab.isdigit() or int(vocab) <= BYTE_VOCAB:
-        raise DataError(f"tokenizer: {spec!r}: VOCAB must be an integer above {BYTE_VOCAB} "
-                        "(256 byte symbols + EOS)")
+    vocab = _bpe_vocab(spec)
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
     hf.train_from_iterator(documents, trainers.BpeTrainer(
-        vocab_size=int(vocab), special_tokens=[EOS], show_progress=False,
+        vocab_size=vocab, special_tokens=[EOS], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return hf
+
+
+def _bad_spec(spec: str) -> DataError:
+    return DataError(f"tokenizer: must be 'byte', 'bpe:VOCAB' or an existing tokenizer.json, got {spec!r}")
+
+
+def _bpe_vocab(spec: str) -> int:
+    vocab = spec[4:]
+    if not vocab.isdigit() or int(vocab) <= BYTE_VOCAB:
+        raise DataError(f"tokenizer: {spec!r}: VOCAB must be an integer above {BYTE_VOCAB} "
+                        "(256 byte symbols + EOS)")
+    return int(vocab)
 
 
 def _load_with_eos(spec: str):

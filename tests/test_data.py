@@ -98,8 +98,7 @@ def write_inputs(folder, kind: str, docs: list[str]) -> str:
 
 
 def split_documents(ds, split: str, decode) -> list[str]:
-    dtype = np.uint16 if ds.info.vocab_size <= 65536 else np.uint32
-    ids = np.fromfile(ds.info.path / f"{split}.bin", dtype=dtype)
+    ids = ds.read_split(split)
     assert ids[-1] == ds.info.eos_id
     documents_with_eos = np.split(ids, np.flatnonzero(ids == ds.info.eos_id) + 1)[:-1]
     return [decode(doc[:-1]) for doc in documents_with_eos]
@@ -130,9 +129,10 @@ def test_prepare_round_trips(tmp_path, kind, tokenizer):
     val_bytes = sum(len(d.encode()) for d in val)
     assert info.bytes_per_token == pytest.approx(val_bytes / info.tokens["val"])
     assert (info.bytes_per_token < 1) == (tokenizer == "byte")
-    # same inputs and seed: same dataset; refuses to overwrite unless asked
+    # same inputs and options: nothing to do; other options: refuses to overwrite unless asked
+    assert prepare([pattern], tmp_path / "out", tokenizer=tokenizer, val_fraction=0.1, seed=5) == info
     with pytest.raises(DataError, match="already holds a dataset"):
-        prepare([pattern], tmp_path / "out", tokenizer=tokenizer, val_fraction=0.1, seed=5)
+        prepare([pattern], tmp_path / "out", tokenizer=tokenizer, val_fraction=0.1, seed=6)
     again = prepare([pattern], tmp_path / "out", tokenizer=tokenizer, val_fraction=0.1, seed=5, overwrite=True)
     assert again.fingerprint == info.fingerprint
 
@@ -280,7 +280,7 @@ def test_prepare_and_prompts_share_one_tokenizer(tmp_path, spec):
     assert (loaded.kind, loaded.name) == ("byte" if spec == "byte" else "hf", spec)
     assert (loaded.vocab_size, loaded.eos_id) == (info.vocab_size, info.eos_id)
     # a document encodes to exactly the ids prepare wrote for it
-    ids = np.fromfile(info.path / "train.bin", dtype=np.uint16)
+    ids = load_dataset(info.path).read_split("train")
     first = ids[:np.flatnonzero(ids == info.eos_id)[0]]
     text = loaded.decode(first.tolist())
     assert np.array_equal(loaded.encode_batch([text])[0], first) and loaded.encode(text) == first.tolist()
