@@ -158,8 +158,8 @@ def test_cli_logs_to_the_run_and_the_runs_table_carries_it(trained, store, tmp_p
         for key, value in {"family": family, "budget": spec["budget"], "params": 1000, "tokens": 1e5}.items():
             client.log_param(run, key, value)
         client.log_metric(run, "val_loss", 5.0)
-        for name in ("model.pt", "result.json"):
-            client.log_artifact(run, str(folder / name))
+        for path in RunFolder(folder).files:
+            client.log_artifact(run, str(path))
         client.set_terminated(run)
         runs[family] = run
     for family, extra in (("mdm", ["--samples", 4, "--cfg", 0.5]), ("arm", [])):
