@@ -69,26 +69,14 @@ def test_validation_returns_the_mdm_mc_stderr_and_zero_for_the_arm():
     assert val_loss == losses.mean().item() and val_stderr > 0
 
 
-class Client:
-    """MLflow's client, reduced to what RunLogger.finish calls."""
+def test_finish_logs_the_mc_stderr_beside_the_stderr(tmp_path):
+    from pipeline.config import RunSpec
+    from pipeline.tracking import prepare_store
 
-    def __init__(self):
-        self.metrics = {}
-
-    def log_batch(self, run_id, metrics=(), tags=()):
-        self.metrics.update({m.key: m.value for m in metrics})
-
-    def log_artifact(self, run_id, path):
-        pass
-
-    def set_terminated(self, run_id, status):
-        pass
-
-
-def test_finish_logs_the_mc_stderr_beside_the_stderr():
-    logger = RunLogger.__new__(RunLogger)  # no MLflow store: only finish is under test
-    logger.client, logger.run_id = Client(), "run"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = RunLogger(uri, prepare_store(uri, "mc"), RunSpec(family="mdm", shape="cpu-16k", budget=1e11))
     result = {"val_loss": 2.5, "val_stderr": 0.1, "val_mc_stderr": 0.004, "tokens_per_s": 1e3, "seconds": 9.0,
               "steps": 40, "resumed_from_step": 0}
     logger.finish(result, [])
-    assert logger.client.metrics["val_mc_stderr"] == 0.004 and logger.client.metrics["val_stderr"] == 0.1
+    metrics = logger.client.get_run(logger.run_id).data.metrics
+    assert metrics["val_mc_stderr"] == 0.004 and metrics["val_stderr"] == 0.1

@@ -89,7 +89,8 @@ def test_points_that_would_repeat_data_are_refused_before_anything_runs(tmp_path
     allowed = write_sweep(tmp_path, name="again", budgets=[4e9, 1e11], train={**TRAIN, "max_epochs": 20})
     proc = isoflop("sweep", str(allowed), "--dry-run", timeout=120)
     assert proc.returncode == 0, proc.stderr
-    epochs = [float(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith(("mdm", "arm"))]
+    epochs = [float(line.split()[-2]) for line in proc.stdout.splitlines()  # the columns end: epochs, eval/C
+              if line.startswith(("mdm", "arm"))]
     assert len(epochs) == 8 and max(epochs) > 1 and min(epochs) < 0.5
 
 
