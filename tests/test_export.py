@@ -27,13 +27,7 @@ SEQ_LEN = 32
 TEXTS = {"synthetic": "450 3 17", "byte": "Café ☃ alpha\n", "bpe:300": "alpha beta Café"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run far faster on one thread than on two that contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

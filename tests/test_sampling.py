@@ -27,13 +27,7 @@ from pipeline.train import train
 TINY_SHAPE = resolve_shape("{n_layer: 1, n_head: 2, d_model: 32}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run far faster on one thread than on two that contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class FixedLogits(Transformer):
