@@ -144,9 +144,11 @@ def fit_isoflop(params: np.ndarray, tokens: np.ndarray, loss: np.ndarray, labels
                      "N*(C), D*(C), L*(C) not fitted")
         return IsoflopFit(applicable=True, buckets=buckets, notes=notes)
     optima = np.stack([f.optima for f in fits], axis=-1)  # (3, R+1, buckets)
-    # a resample drops a curve whose optimum moved to the edge
+    # A resample drops a curve whose optimum moved to the edge from N*(C) and D*(C): N* is not located there.
+    # L*(C) keeps it, with the lowest loss its parabola reaches over the sampled sizes: that loss is still
+    # measured, and dropping the budget would make the frontier, hence the gap, jump between resamples.
     mask = np.stack([f.interior for f in fits], axis=-1) & usable[None, :]
-    laws, draws = fit_optima_laws(budgets, optima, mask)
+    laws, draws = fit_optima_laws(budgets, optima, mask, loss_mask=np.broadcast_to(usable[None, :], mask.shape))
     failed = int(np.isnan(draws["n_opt"][:, 1]).sum()) if draws else 0
     if failed:
         notes.append(f"{family}: {failed} of {len(samples) - 1} bootstrap resamples had < 2 interior optima "
@@ -187,24 +189,26 @@ def fit_curve(budget: float, params: np.ndarray, log_d: np.ndarray, samples: np.
     return CurveFit(bucket, np.stack([xs, lds, ls]), ok)
 
 
-def fit_optima_laws(budgets: np.ndarray, optima: np.ndarray, mask: np.ndarray
+def fit_optima_laws(budgets: np.ndarray, optima: np.ndarray, mask: np.ndarray, loss_mask: np.ndarray | None = None
                     ) -> tuple[dict[str, PowerLaw], dict[str, np.ndarray]]:
-    """Power laws N*(C), D*(C), L*(C) through the optima (3, R+1, buckets) of each row, over its `mask`ed buckets.
+    """Power laws N*(C), D*(C), L*(C) through the optima (3, R+1, buckets) of each row, over its `mask`ed buckets
+    (`loss_mask`, default `mask`, for L*).
 
     Row 0 gives the laws and rows 1..R their intervals and (ln coef, exponent) draws (none when R = 0).
     """
     log_c = np.log(budgets)
     boot = optima.shape[1] > 1
     laws, draws = {}, {}
-    log_l = np.log(np.where(mask, optima[2], 1.0))  # L* comes unlogged; masked-out entries may be NaN
-    for name, values in (("n_opt", optima[0]), ("d_opt", optima[1]), ("l_opt", log_l)):
-        log_coef, exponent = _loglog(log_c, np.where(mask, values, 0.0), mask)
+    loss_mask = mask if loss_mask is None else loss_mask
+    log_l = np.log(np.where(loss_mask, optima[2], 1.0))  # L* comes unlogged; masked-out entries may be NaN
+    for name, values, used in (("n_opt", optima[0], mask), ("d_opt", optima[1], mask), ("l_opt", log_l, loss_mask)):
+        log_coef, exponent = _loglog(log_c, np.where(used, values, 0.0), used)
         coef_ci = exponent_ci = None
         if boot:
             draws[name] = np.stack([log_coef[1:], exponent[1:]], axis=1)
             coef_ci, exponent_ci = _exp(_ci(log_coef[1:])), _ci(exponent[1:])
         laws[name] = PowerLaw(float(np.exp(log_coef[0])), float(exponent[0]), coef_ci, exponent_ci,
-                              n_points=int(mask[0].sum()))
+                              n_points=int(used[0].sum()))
     return laws, draws
 
 
@@ -284,7 +288,8 @@ def _parabolas(x, log_d, losses, weights=None):
     """Quadratic fits of loss on ln N, one per row of `losses` (R, m), weighted by `weights` (m,) when given.
 
     Returns the first row's parabola (q0, q1, q2 in ln N), and per row ln N*, L*, ln D* at N*, and whether
-    the minimum is interior: positive curvature and N* within the sampled sizes.
+    the minimum is interior: positive curvature and N* within the sampled sizes. Where it is not, L* is the
+    parabola's lowest value over the sampled sizes (at one end), not its vertex.
     """
     centre = x.mean()
     xc = x - centre
@@ -293,6 +298,8 @@ def _parabolas(x, log_d, losses, weights=None):
         xs_c = -c[:, 1] / (2 * c[:, 2])
         ls = c[:, 0] - c[:, 1] ** 2 / (4 * c[:, 2])
     ok = (c[:, 2] > 0) & (xs_c >= xc.min()) & (xs_c <= xc.max())
+    ends = [c[:, 0] + c[:, 1] * e + c[:, 2] * e * e for e in (xc.min(), xc.max())]
+    ls = np.where(ok, ls, np.minimum(*ends))
     # ln D is linear in ln N along an IsoFLOP curve (slope -1 under C = 6ND): read D* off that line
     slope, intercept = np.polyfit(xc, log_d, 1)
     c0, c1, c2 = c[0]
