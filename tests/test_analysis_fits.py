@@ -67,6 +67,21 @@ def test_one_curve_finds_the_parabola_minimum_and_flags_an_edge():
     edge = fit_curve(1e19, n, np.log(1e19 / (6 * n)), losses[::-1], "f", notes)
     assert edge.bucket.edge and not edge.bucket.usable and "above the largest sampled size" in edge.bucket.note
     assert "optimum at the edge" in notes[0]
+    # where the minimum left the sampled sizes, L* is the parabola's lowest value over them: at the largest size
+    assert curve.optima[2, 1] == pytest.approx(losses[1, -1]) and curve.optima[2, 1] > 2.0
+
+
+def test_a_resample_whose_optimum_leaves_the_grid_still_counts_for_the_loss_frontier():
+    """N*(C) drops that budget from the resample; L*(C) keeps it at the loss reached, so the gap cannot jump."""
+    c = np.array([1e18, 1e19, 1e20])
+    optima = np.log(np.array([[[1e8, 3e8, 1e9]] * 2, [[1e9, 3e9, 1e10]] * 2, [[1.0, 1.0, 1.0]] * 2]))
+    optima[2] = [[3.0, 2.8, 2.6], [3.0, 2.85, 2.6]]  # L* unlogged; row 1's middle budget is an edge's loss
+    mask = np.array([[True, True, True], [True, False, True]])
+    laws, draws = fit_optima_laws(c, optima, mask, loss_mask=np.ones_like(mask))
+    assert laws["l_opt"].n_points == 3 and laws["n_opt"].n_points == 3
+    expected = np.polyfit(np.log(c), np.log([3.0, 2.85, 2.6]), 1)[0]
+    assert draws["l_opt"][0, 1] == pytest.approx(expected)  # the edge budget's loss is in the resample's L* law
+    assert draws["n_opt"][0, 1] == pytest.approx(np.polyfit(np.log(c[[0, 2]]), optima[0, 1, [0, 2]], 1)[0])
 
 
 def test_a_curve_with_too_few_sizes_has_no_parabola():
