@@ -67,6 +67,8 @@ class TrainConfig(BaseModel):
     compile: bool = Field(False, description="torch.compile the model (through DeepSpeed's engine.compile): "
                                               "faster steps after a compile of tens of seconds; the same run")
     checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints; 0 = only at the end")
+    keep_checkpoint: bool = Field(False, description="keep the last DeepSpeed checkpoint (optimizer state included) "
+                                                     "in the run folder, to continue or anneal the run later")
     log_every: int = Field(10, gt=0)
 
     @field_validator("deepspeed")
@@ -149,7 +151,7 @@ def _known_keys(schema: type[BaseModel], path: tuple) -> list[str]:
     return list(schema.model_fields)
 
 
-NOT_IDENTITY = {"log_every", "checkpoint_every", "max_epochs", "compile"}
+NOT_IDENTITY = {"log_every", "checkpoint_every", "max_epochs", "compile", "keep_checkpoint"}
 ADDED_KEYS = {"mdm_eval": "time", "init": "normal_0.02", "mdm_masking": "time"}  # key: the behaviour runs had before the key existed
 
 

@@ -234,7 +234,8 @@ def save_checkpoint(run: Run, step: int) -> None:
 
 
 def finish(run: Run, start: int, seconds: float) -> TrainResult:
-    """Validate, write the run folder (rank 0) and drop the optimizer state, now dead weight."""
+    """Validate, write the run folder (rank 0) and drop the optimizer state, now dead weight (unless
+    train.keep_checkpoint asks to keep the last checkpoint, from which the run can be continued)."""
     spec, plan, cfg = run.spec, run.plan, run.spec.train
     val = run.data.val_blocks(seq_len=cfg.seq_len, max_blocks=cfg.val_blocks).to(run.device)
     val_loss, val_stderr, val_mc_stderr = _evaluate(run, val)
@@ -247,7 +248,8 @@ def finish(run: Run, start: int, seconds: float) -> TrainResult:
     state = master_weights(run.engine)
     if run.rank == 0:
         run.folder.write(state, spec, run.data.info, result)
-        shutil.rmtree(run.checkpoints, ignore_errors=True)
+        if not cfg.keep_checkpoint:
+            shutil.rmtree(run.checkpoints, ignore_errors=True)
     dist.barrier()
     return result
 
@@ -286,7 +288,8 @@ def train(spec: RunSpec, data_dir: str | Path, out_dir: str | Path, *, reporter:
         done = step + 1
         if done % cfg.log_every == 0 or done == end:
             window.flush(reporter, done, lr, verbose)
-        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (done == end and done < steps):
+        last = done == end and (done < steps or cfg.keep_checkpoint)  # an interruption, or a checkpoint to keep
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or last:
             save_checkpoint(run, done)
             reporter.checkpoint(done, run.checkpoints, {"step": done})
     if end < steps:

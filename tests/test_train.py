@@ -163,7 +163,8 @@ def test_bf16_training_saves_the_fp32_master_weights(corpus, tmp_path):
 
     with pytest.raises(ValueError, match="precision=bf16 needs zero_stage >= 1"):
         TrainConfig(precision="bf16", zero_stage=0)
-    train(spec_for("arm", 20, precision="bf16", zero_stage=2), corpus, tmp_path, verbose=False)
+    train(spec_for("arm", 20, precision="bf16", zero_stage=2, keep_checkpoint=True), corpus, tmp_path, verbose=False)
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step00000020"  # kept, at the last step
     weights = load_file(tmp_path / "model.safetensors")
     for name, w in weights.items():
         assert w.dtype == torch.float32
