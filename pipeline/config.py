@@ -152,7 +152,8 @@ def _known_keys(schema: type[BaseModel], path: tuple) -> list[str]:
 
 
 NOT_IDENTITY = {"log_every", "checkpoint_every", "max_epochs", "compile", "keep_checkpoint"}
-ADDED_KEYS = {"mdm_eval": "time", "init": "normal_0.02", "mdm_masking": "time"}  # key: the behaviour runs had before the key existed
+# Recipe keys added after runs were finished: key -> the behaviour those runs had before the key existed.
+ADDED_KEYS = {"mdm_eval": "time", "init": "normal_0.02", "mdm_masking": "time"}
 
 
 class RunSpec(BaseModel):
