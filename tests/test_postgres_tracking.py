@@ -210,5 +210,7 @@ def test_two_concurrent_sweeps_on_a_postgres_backed_server_log_each_point_once(t
     assert result["run_hash"] == run.data.tags["isoflop.run_hash"]
     assert result["val_loss"] == pytest.approx(run.data.metrics["val_loss"])
     stored = list((server.artifacts / run.info.experiment_id).rglob("model.safetensors"))
-    assert len(stored) == 10 and all(p.stat().st_size > 0 for p in stored)
+    logged_models = [p for p in stored if "models" in p.relative_to(server.artifacts).parts]
+    assert len(stored) == 20 and len(logged_models) == 10  # each run's final files, and its logged model's
+    assert all(p.stat().st_size > 0 for p in stored)
 

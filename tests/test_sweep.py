@@ -228,13 +228,15 @@ def test_sigkilled_driver_loses_nothing_on_rerun(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(path)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
-    # wait until one point has finished and a longer one has written a checkpoint, then kill the driver
+    # wait until one point has finished and an unfinished one has written a checkpoint, then kill the driver
     deadline = time.time() + 600
     while time.time() < deadline and driver.poll() is None:
         # read MLflow only once a checkpoint shows the driver has long since created the store
-        if list((tmp_path / "ray").glob("runs/*/checkpoints/latest")):
+        checkpointed = {p.parents[1].name for p in (tmp_path / "ray").glob("runs/*/checkpoints/latest")}
+        if checkpointed:
             _, runs = child_runs(uri, "mini-kill")
-            if any(r.info.status == "FINISHED" for r in runs):
+            finished = {r.data.tags["isoflop.run_hash"] for r in runs if r.info.status == "FINISHED"}
+            if finished and checkpointed - finished:
                 break
         time.sleep(1)
     assert driver.poll() is None, "the sweep ended before it could be interrupted:\n" + driver.communicate()[0][-3000:]
