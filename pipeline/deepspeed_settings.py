@@ -10,11 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 OWNED = {
-    "train_batch_size": "train.batch_size", "train_micro_batch_size_per_gpu": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.batch_size and train.micro_batch_size", "gradient_clipping": "train.grad_clip",
-    "bf16": "train.precision", "fp16": "train.precision", "optimizer": "the recipe's AdamW (train.lr, beta1, beta2, "
-    "weight_decay)", "scheduler": "the recipe's schedule (train.warmup_*, min_lr_ratio)", "zero_optimization.stage":
-    "train.zero_stage",
+    "train_batch_size": "train.batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.batch_size and train.micro_batch_size",
+    "gradient_clipping": "train.grad_clip",
+    "bf16": "train.precision",
+    "fp16": "train.precision",
+    "optimizer": "the recipe's AdamW (train.lr, beta1, beta2, weight_decay)",
+    "scheduler": "the recipe's schedule (train.warmup_*, min_lr_ratio)",
+    "zero_optimization.stage": "train.zero_stage",
 }
 SPEED_ONLY = {"steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state", "flops_profiler",
               "comms_logger", "activation_checkpointing", "aio", "tensorboard", "wandb", "csv_monitor", "comet",
