@@ -1,12 +1,16 @@
-"""Trainer throughput against a bare PyTorch AdamW loop on the same model, batches and machine.
+"""Trainer step time against a bare PyTorch AdamW loop on the same model, batches and machine.
 
-Both loops draw the same batches from the same dataset and run the same objective; the ratio is
-trainer tokens/s over bare tokens/s in steady state (the first `warmup` steps of each are not timed).
-Target: >= 0.95.   Usage: python benchmarks/train_step.py [--family mdm] [--model cpu-591k] [--steps 120]
+The trainer is built as `isoflop train` builds it (one rank, the recipe's ZeRO stage, isoflop's DeepSpeed
+settings) and reads its loss once per log window as `train` does. A third loop is the same trainer with
+DeepSpeed's own one-rank ZeRO defaults (gradients staged for a reduce-scatter), to show what those cost.
+The loops take turns in one process, a log window of steps each, so a drift in the machine's speed (10%
+within seconds on a shared box) hits all of them; the ratio is the median over turns of bare time / loop time.
+Target: >= 0.95 for the trainer.   Usage: python benchmarks/train_step.py [--family mdm] [--turns 40]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -19,67 +23,99 @@ from pipeline.flops import budget_for_steps
 from pipeline.model import Transformer
 from pipeline.shapes import resolve_shape
 from pipeline.synthetic import synthetic
-from pipeline.train import Reporter, lr_at, train
+from pipeline.train import (
+    ONE_RANK_ZERO,
+    LogWindow,
+    Reporter,
+    build_run,
+    lr_at,
+    train_step,
+)
 
 
-class Timer(Reporter):
-    """Tokens/s over the logged windows after the warm-up window."""
+class BareLoop:
+    """The recipe's step in plain PyTorch: same model, batches, noise, schedule and clipping."""
 
-    def __init__(self):
-        self.windows = []
+    def __init__(self, spec: RunSpec, data, steps: int):
+        self.cfg, self.family, self.data, self.steps = spec.train, FAMILIES[spec.family], data, steps
+        torch.manual_seed(self.cfg.seed)
+        self.model = Transformer(self.family.model_config(spec.shape, data.info.vocab_size, self.cfg.seq_len, self.cfg.init))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
+                                     weight_decay=self.cfg.weight_decay)
 
-    def metrics(self, rows):
-        self.windows.append(rows[-1]["tokens_per_s"])
+    def window(self, first: int, count: int) -> None:
+        cfg, losses = self.cfg, []
+        for step in range(first, first + count):
+            for group in self.opt.param_groups:
+                group["lr"] = lr_at(step, self.steps, cfg)
+            block = self.data.train_batch(step=step, rank=0, world_size=1, batch_size=cfg.batch_size,
+                                          seq_len=cfg.seq_len, seed=cfg.seed)
+            loss = self.family.loss(self.model, block, self.family.training_noise(cfg, step, 0, cfg.batch_size)).mean()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.opt.step()
+            losses.append(loss.detach())
+        torch.stack(losses).mean().item()  # one host read per window, as the trainer does
 
 
-def bare_loop(spec: RunSpec, data, steps: int, warmup: int) -> float:
-    cfg, family = spec.train, FAMILIES[spec.family]
-    torch.manual_seed(cfg.seed)
-    model = Transformer(family.model_config(spec.shape, data.info.vocab_size, cfg.seq_len, cfg.init))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    for step in range(steps):
-        if step == warmup:
-            start = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, cfg)
-        block = data.train_batch(step=step, rank=0, world_size=1, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
-        loss = family.loss(model, block, family.training_noise(cfg, step, 0, cfg.batch_size)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        if (step + 1) % cfg.log_every == 0:
-            loss.item()  # the trainer reads the loss once per log window too
-    return (steps - warmup) * cfg.batch_size * cfg.seq_len / (time.perf_counter() - start)
+class Trainer:
+    """isoflop's trainer, one log window at a time."""
+
+    def __init__(self, spec: RunSpec, data_dir: str, out_dir: str):
+        self.run = build_run(spec, data_dir, out_dir)
+
+    def window(self, first: int, count: int) -> None:
+        window = LogWindow(self.run)
+        for step in range(first, first + count):
+            loss, lr = train_step(self.run, step)
+            window.add(loss)
+        window.flush(Reporter(), first + count, lr, verbose=False)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="mdm", choices=sorted(FAMILIES))
     parser.add_argument("--model", default="cpu-591k")
-    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--zero-stage", type=int, default=TrainConfig().zero_stage, help="default: the recipe's")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--window", type=int, default=5, help="steps per turn (the log window)")
+    parser.add_argument("--turns", type=int, default=40, help="turns per loop, after one untimed warm-up turn")
     args = parser.parse_args()
-    warmup = 20
-    with tempfile.TemporaryDirectory() as tmp:
-        data_dir = synthetic(f"{tmp}/data", tokens=1_000_000, seed=0).path
+    cfg = TrainConfig(seq_len=128, batch_size=16, lr=1e-3, warmup_min_steps=10, log_every=args.window,
+                      checkpoint_every=0, eval_samples=1, val_blocks=1, zero_stage=args.zero_stage)
+    steps = args.window * (args.turns + 1)
+    with tempfile.TemporaryDirectory() as tmp:  # a corpus no loop repeats: 1.25x the tokens they train on
+        data_dir = synthetic(f"{tmp}/data", tokens=int(1.25 * steps * cfg.batch_size * (cfg.seq_len + 1)), seed=0).path
         data = load_dataset(data_dir)
-        cfg = TrainConfig(seq_len=128, batch_size=16, lr=1e-3, warmup_min_steps=10, log_every=warmup,
-                          checkpoint_every=0, eval_samples=1, val_blocks=1, zero_stage=args.zero_stage)
         shape = resolve_shape(args.model)
-        budget = budget_for_steps(shape, args.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
-        spec = RunSpec(family=args.family, shape=shape, budget=budget, train=cfg)
-        ratios = []
-        for repeat in range(args.repeats):  # alternate, so drift in machine speed hits both sides
-            bare = bare_loop(spec, data, args.steps, warmup)
-            timer = Timer()
-            train(spec, data_dir, f"{tmp}/run{repeat}", reporter=timer, verbose=False)
-            ours = sum(timer.windows[1:]) / len(timer.windows[1:])
-            ratios.append(ours / bare)
-            print(f"repeat {repeat}: trainer {ours:,.0f} tok/s, bare loop {bare:,.0f} tok/s, ratio {ours / bare:.3f}")
-    print(f"train_step ratio (trainer / bare, {args.family} {args.model}, ZeRO-{args.zero_stage}, "
-          f"{torch.get_num_threads()} threads): {sum(ratios) / len(ratios):.3f}  target >= 0.95")
+        spec = RunSpec(family=args.family, shape=shape, train=cfg,
+                       budget=budget_for_steps(shape, steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len))
+        staged = {"zero_optimization": {key: not value for key, value in ONE_RANK_ZERO.items()}}
+        loops = {
+            "bare PyTorch": BareLoop(spec, data, steps),
+            "isoflop trainer": Trainer(spec, data_dir, f"{tmp}/trainer"),
+            "with DeepSpeed's one-rank defaults": Trainer(
+                spec.model_copy(update={"train": cfg.with_overrides({"deepspeed": staged})}), data_dir, f"{tmp}/staged"),
+        }
+        seconds = {name: [] for name in loops}
+        for turn in range(args.turns + 1):
+            order = list(loops) if turn % 2 else list(reversed(loops))  # no loop always runs right after another
+            for name in order:
+                start = time.perf_counter()
+                loops[name].window(turn * args.window, args.window)
+                if turn:
+                    seconds[name].append(time.perf_counter() - start)
+    tokens = args.window * cfg.batch_size * cfg.seq_len
+    bare = seconds["bare PyTorch"]
+    print(f"{args.family} {args.model}, ZeRO-{args.zero_stage}, one rank, {torch.get_num_threads()} threads, "
+          f"{args.turns} turns of {args.window} steps:")
+    for name, times in seconds.items():
+        ratios = [b / t for b, t in zip(bare, times)]
+        quartiles = statistics.quantiles(ratios, n=4)
+        print(f"  {name:>36}: {tokens * len(times) / sum(times):8,.0f} tok/s   ratio to bare {statistics.median(ratios):.3f}"
+              f"  (quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f})")
+    print("train_step ratio (isoflop trainer / bare): "
+          f"{statistics.median(b / t for b, t in zip(bare, seconds['isoflop trainer'])):.3f}  target >= 0.95")
 
 
 if __name__ == "__main__":

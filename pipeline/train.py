@@ -101,13 +101,19 @@ def check_run(spec: RunSpec, data_dir: str | Path, world_size: int = 1) -> tuple
     return data, spec.plan(data.info.vocab_size, data.num_train_blocks(cfg.seq_len))
 
 
-def deepspeed_config(cfg: TrainConfig, micro: int, accumulation: int, bf16: bool) -> dict:
+# With one rank there is nothing to reduce, yet ZeRO-1/2 by default still copies each gradient into a bucket as
+# autograd makes it and splits the bucket rank by rank: about 4% of a small CPU step, and no bit of the
+# result changes without it (tests/test_deepspeed_settings.py). A sweep's `deepspeed:` block can set both back.
+ONE_RANK_ZERO = {"contiguous_gradients": False, "reduce_scatter": False}
+
+
+def deepspeed_config(cfg: TrainConfig, micro: int, accumulation: int, bf16: bool, world: int) -> dict:
     return deepspeed_settings.merged({
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": cfg.zero_stage, **(ONE_RANK_ZERO if world == 1 else {})},
         "bf16": {"enabled": bf16},
         "steps_per_print": 2**62,
     }, cfg.deepspeed)
@@ -152,7 +158,7 @@ def build_run(spec: RunSpec, data_dir: str | Path, out_dir: str | Path) -> Run:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=deepspeed_config(cfg, micro, accumulation, bf16))
+                                      config=deepspeed_config(cfg, micro, accumulation, bf16, world))
     if cfg.compile:
         engine.compile()  # in place: parameter names, checkpoints and the final weights stay those of the model
     return Run(spec, family, data, plan, rank, world, micro, accumulation, device, engine, optimizer,

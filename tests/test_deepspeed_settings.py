@@ -1,12 +1,15 @@
 """A sweep file's `deepspeed:` block: passed to the engine, checked before any compute, identity only where it
 can change a run's numbers."""
 import pytest
+import torch
 import yaml
 
 from pipeline.config import RunSpec, SweepConfig, TrainConfig
 from pipeline.errors import SweepError
 from pipeline.grid import expand_grid, load_sweep
-from pipeline.train import deepspeed_config
+from pipeline.run_folder import RunFolder, read_weights
+from pipeline.synthetic import synthetic
+from pipeline.train import ONE_RANK_ZERO, Reporter, deepspeed_config, train
 
 BASE = RunSpec(family="mdm", shape="cpu-16k", budget=1e11, train=TrainConfig(seq_len=32, batch_size=8))
 
@@ -24,9 +27,39 @@ def test_speed_settings_keep_the_run_and_numeric_ones_make_a_new_one():
 
 def test_the_engine_gets_the_block_merged_with_the_recipes_settings():
     cfg = TrainConfig(zero_stage=2, deepspeed={"zero_optimization": {"overlap_comm": True}, "steps_per_print": 10})
-    config = deepspeed_config(cfg, micro=4, accumulation=2, bf16=False)
+    config = deepspeed_config(cfg, micro=4, accumulation=2, bf16=False, world=2)
     assert config["zero_optimization"] == {"stage": 2, "overlap_comm": True}
     assert config["steps_per_print"] == 10 and config["train_batch_size"] == cfg.batch_size
+    one_rank = deepspeed_config(cfg, micro=4, accumulation=4, bf16=False, world=1)["zero_optimization"]
+    assert one_rank == {"stage": 2, "overlap_comm": True, "contiguous_gradients": False, "reduce_scatter": False}
+    staged = TrainConfig(deepspeed={"zero_optimization": {"contiguous_gradients": True}})
+    assert deepspeed_config(staged, micro=4, accumulation=4, bf16=False, world=1)["zero_optimization"]["contiguous_gradients"]
+
+
+class Losses(Reporter):
+    def __init__(self):
+        self.losses = []
+
+    def metrics(self, rows):
+        self.losses += [r["loss"] for r in rows]
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_the_one_rank_settings_change_no_bit_of_a_run(tmp_path, zero):
+    """They only skip gradient staging that one rank has no use for: losses and weights match DeepSpeed's defaults."""
+    data = synthetic(tmp_path / "data", tokens=100_000, seed=0).path
+    cfg = TrainConfig(seq_len=32, batch_size=8, micro_batch_size=4, lr=3e-3, warmup_min_steps=5, eval_samples=2,
+                      val_blocks=4, log_every=1, checkpoint_every=0, zero_stage=zero)
+    spec = RunSpec(family="mdm", shape="cpu-26k", budget=6 * 26_000 * 8 * 32 * 25, train=cfg)
+    ds_defaults = {"zero_optimization": {key: not value for key, value in ONE_RANK_ZERO.items()}}
+    runs = []
+    for name, run_spec in [("ours", spec), ("deepspeed", spec.model_copy(update={"train": cfg.with_overrides({"deepspeed": ds_defaults})}))]:
+        losses = Losses()
+        result = train(run_spec, data, tmp_path / name, reporter=losses, verbose=False)
+        runs.append((losses.losses, result.val_loss, read_weights(RunFolder(tmp_path / name).weights)))
+    (ours, our_val, our_weights), (theirs, their_val, their_weights) = runs
+    assert len(ours) >= 20 and ours == theirs and our_val == their_val
+    assert all(torch.equal(our_weights[name], their_weights[name]) for name in their_weights)
 
 
 @pytest.mark.parametrize("block,message", [
