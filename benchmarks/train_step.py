@@ -23,25 +23,19 @@ from pipeline.flops import budget_for_steps
 from pipeline.model import Transformer
 from pipeline.shapes import resolve_shape
 from pipeline.synthetic import synthetic
-from pipeline.train import (
-    ONE_RANK_ZERO,
-    LogWindow,
-    Reporter,
-    build_run,
-    lr_at,
-    train_step,
-)
+from pipeline.train import ONE_RANK_ZERO, LogWindow, Reporter, build_run, lr_at, train_step
 
 
 class BareLoop:
     """The recipe's step in plain PyTorch: same model, batches, noise, schedule and clipping."""
 
     def __init__(self, spec: RunSpec, data, steps: int):
-        self.cfg, self.family, self.data, self.steps = spec.train, FAMILIES[spec.family], data, steps
-        torch.manual_seed(self.cfg.seed)
-        self.model = Transformer(self.family.model_config(spec.shape, data.info.vocab_size, self.cfg.seq_len, self.cfg.init))
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2),
-                                     weight_decay=self.cfg.weight_decay)
+        cfg = self.cfg = spec.train
+        self.family, self.data, self.steps = FAMILIES[spec.family], data, steps
+        torch.manual_seed(cfg.seed)
+        self.model = Transformer(self.family.model_config(spec.shape, data.info.vocab_size, cfg.seq_len, cfg.init))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                     weight_decay=cfg.weight_decay)
 
     def window(self, first: int, count: int) -> None:
         cfg, losses = self.cfg, []
@@ -112,10 +106,10 @@ def main() -> None:
     for name, times in seconds.items():
         ratios = [b / t for b, t in zip(bare, times)]
         quartiles = statistics.quantiles(ratios, n=4)
-        print(f"  {name:>36}: {tokens * len(times) / sum(times):8,.0f} tok/s   ratio to bare {statistics.median(ratios):.3f}"
-              f"  (quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f})")
-    print("train_step ratio (isoflop trainer / bare): "
-          f"{statistics.median(b / t for b, t in zip(bare, seconds['isoflop trainer'])):.3f}  target >= 0.95")
+        print(f"  {name:>36}: {tokens * len(times) / sum(times):8,.0f} tok/s   "
+              f"ratio to bare {statistics.median(ratios):.3f}  (quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f})")
+    ours = statistics.median(b / t for b, t in zip(bare, seconds["isoflop trainer"]))
+    print(f"train_step ratio (isoflop trainer / bare): {ours:.3f}  target >= 0.95")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Imports nothing of the project (nor MLflow), so the analysis package can share i
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -30,12 +31,18 @@ def resolve_uri(uri: str | None = None, default: str = DEFAULT_TRACKING_URI) -> 
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default
     if uri == DEFAULT_TRACKING_URI and not _sqlite_file(uri).exists() and _sqlite_file(EARLIER_DEFAULT_URI).exists():
         # runs tracked under the earlier default stay findable where they are
-        print(f"tracking: using {_sqlite_file(EARLIER_DEFAULT_URI)}, the default store of earlier isoflop versions "
-              f"({_sqlite_file(uri).name}, MLflow's default, does not exist here)", file=sys.stderr)
+        _say_once(f"tracking: using {_sqlite_file(EARLIER_DEFAULT_URI).resolve()}, the default store of earlier "
+                  f"isoflop versions ({_sqlite_file(uri).name}, MLflow's default, does not exist here)")
         uri = EARLIER_DEFAULT_URI
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     return uri
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    """A command may resolve the store several times; its reader needs the note once."""
+    print(message, file=sys.stderr)
 
 
 def _sqlite_file(uri: str) -> Path:

@@ -1,8 +1,9 @@
 """A finished run's folder: its fp32 weights (`model.safetensors`) and its description (`result.json`).
 
 Training writes the description last and atomically, so its presence means the run is complete; the
-sweep logs both files to the run's MLflow artifacts. Everything that asks "is this run finished?" or
-loads a trained model (sampling, scoring, benchmarks) goes through here, from a folder or an MLflow run.
+sweep logs both files as the run's MLflow logged model, and the description to the run itself. Everything
+that asks "is this run finished?" or loads a trained model (sampling, scoring, benchmarks) goes through
+here, from a folder or an MLflow run.
 DeepSpeed's own resumable checkpoints are another thing: they live in `checkpoints/` beside these
 files while the run trains, and go once the weights are written. Folders finished before the weights
 moved to safetensors hold `model.pt` instead, and load as before.
@@ -45,7 +46,7 @@ class RunFolder:
 
     @property
     def files(self) -> list[Path]:
-        """What a finished run's MLflow artifacts hold."""
+        """(weights, description): what a finished run's MLflow logged model holds."""
         return [self.weights, self.path / DESCRIPTION]
 
     def is_finished(self, run_hash: str | None = None) -> bool:
@@ -133,7 +134,9 @@ class TrainedModel:
 
 
 def load_from_mlflow(run_id: str, tracking_uri: str, device: str | torch.device = "cpu") -> TrainedModel:
-    """Download a run's weights and description (logged at the root of its artifacts) and load them."""
+    """Download a run's weights and description and load them: from the run's logged model, or from the root of
+    the run's own artifacts, where runs tracked before the weights went to the logged model alone keep them."""
+    from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -141,10 +144,15 @@ def load_from_mlflow(run_id: str, tracking_uri: str, device: str | torch.device 
         raise RunFolderError(f"--tracking-uri: no MLflow database at {tracking_uri.removeprefix('sqlite:///')}")
     client = MlflowClient(tracking_uri)
     try:
-        client.get_run(run_id)
+        run = client.get_run(run_id)
         present = {f.path for f in client.list_artifacts(run_id)}
+        models = [model for model in client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                                                 filter_string=f"source_run_id = '{run_id}'")
+                  if model.status == "READY"]  # (a filter on status matches nothing in MLflow 3.17)
     except MlflowException as err:
         raise RunFolderError(f"--run {run_id}: not found in {tracking_uri} ({err.message.splitlines()[0]})") from None
+    if models:
+        present = {f.path for f in client.list_logged_model_artifacts(models[0].model_id)}
     weights = LEGACY_WEIGHTS if LEGACY_WEIGHTS in present and WEIGHTS not in present else WEIGHTS
     missing = [name for name in (weights, DESCRIPTION) if name not in present]
     if missing:
@@ -152,7 +160,10 @@ def load_from_mlflow(run_id: str, tracking_uri: str, device: str | torch.device 
                              "the run is unfinished, failed, or not a grid point)")
     with tempfile.TemporaryDirectory(prefix="isoflop-run-") as tmp, _no_progress_bars():
         for name in (weights, DESCRIPTION):
-            client.download_artifacts(run_id, name, tmp)
+            if models:
+                download_artifacts(f"{models[0].artifact_location}/{name}", dst_path=tmp, tracking_uri=tracking_uri)
+            else:
+                client.download_artifacts(run_id, name, tmp)
         return RunFolder(tmp).load(device, source=f"run {run_id}")
 
 

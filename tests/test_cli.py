@@ -47,6 +47,7 @@ def test_default_store_is_mlflows_and_an_earlier_default_store_stays_found(tmp_p
     (tmp_path / "mlruns.db").write_bytes(b"")  # runs tracked before the default changed
     assert resolve_uri() == f"sqlite:///{tmp_path / 'mlruns.db'}"
     assert "earlier isoflop versions" in capsys.readouterr().err
+    assert resolve_uri() == f"sqlite:///{tmp_path / 'mlruns.db'}" and not capsys.readouterr().err  # said once
     (tmp_path / "mlflow.db").write_bytes(b"")  # once MLflow's default exists, it wins
     assert resolve_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert resolve_uri("sqlite:///other.db") == f"sqlite:///{tmp_path / 'other.db'}"

@@ -33,7 +33,8 @@ def test_the_engine_gets_the_block_merged_with_the_recipes_settings():
     one_rank = deepspeed_config(cfg, micro=4, accumulation=4, bf16=False, world=1)["zero_optimization"]
     assert one_rank == {"stage": 2, "overlap_comm": True, "contiguous_gradients": False, "reduce_scatter": False}
     staged = TrainConfig(deepspeed={"zero_optimization": {"contiguous_gradients": True}})
-    assert deepspeed_config(staged, micro=4, accumulation=4, bf16=False, world=1)["zero_optimization"]["contiguous_gradients"]
+    staged_config = deepspeed_config(staged, micro=4, accumulation=4, bf16=False, world=1)
+    assert staged_config["zero_optimization"]["contiguous_gradients"] is True
 
 
 class Losses(Reporter):
@@ -52,8 +53,9 @@ def test_the_one_rank_settings_change_no_bit_of_a_run(tmp_path, zero):
                       val_blocks=4, log_every=1, checkpoint_every=0, zero_stage=zero)
     spec = RunSpec(family="mdm", shape="cpu-26k", budget=6 * 26_000 * 8 * 32 * 25, train=cfg)
     ds_defaults = {"zero_optimization": {key: not value for key, value in ONE_RANK_ZERO.items()}}
+    deepspeed_spec = spec.model_copy(update={"train": cfg.with_overrides({"deepspeed": ds_defaults})})
     runs = []
-    for name, run_spec in [("ours", spec), ("deepspeed", spec.model_copy(update={"train": cfg.with_overrides({"deepspeed": ds_defaults})}))]:
+    for name, run_spec in [("ours", spec), ("deepspeed", deepspeed_spec)]:
         losses = Losses()
         result = train(run_spec, data, tmp_path / name, reporter=losses, verbose=False)
         runs.append((losses.losses, result.val_loss, read_weights(RunFolder(tmp_path / name).weights)))

@@ -165,13 +165,16 @@ def test_run_folders_hold_safetensors_and_older_model_pt_folders_still_load(corp
 def test_export_from_mlflow_and_its_errors(corpora, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import prepare_store
+    from pipeline.tracking import RunLogger, prepare_store
 
     run = finished_run(tmp_path / "run", "arm", corpora["synthetic"])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = prepare_store(uri, "export")
-    finished = client.create_run(experiment).info.run_id
+    logger = RunLogger(uri, experiment, RunSpec(**RunFolder(run).description()["spec"]))
+    logger.finish(RunFolder(run).result(), RunFolder(run).files)  # as a sweep: the weights in the logged model
+    logged = logger.run_id
+    finished = client.create_run(experiment).info.run_id  # as runs were tracked before: weights among its artifacts
     for path in RunFolder(run).files:
         client.log_artifact(finished, str(path))
     legacy = client.create_run(experiment).info.run_id  # finished before run folders held safetensors
@@ -184,8 +187,10 @@ def test_export_from_mlflow_and_its_errors(corpora, tmp_path, capsys):
 
     code, _, _ = cli(capsys, "export", "--run", finished, "--tracking-uri", uri, "--out", tmp_path / "a")
     assert code == 0 and (tmp_path / "a" / "model.safetensors").is_file()
-    code, _, _ = cli(capsys, "export", "--run", legacy, "--tracking-uri", uri, "--out", tmp_path / "a-legacy")
-    assert code == 0 and filecmp.cmp(tmp_path / "a" / WEIGHTS, tmp_path / "a-legacy" / WEIGHTS, shallow=False)
+    for source, out in ((legacy, "a-legacy"), (logged, "a-logged")):
+        code, _, err = cli(capsys, "export", "--run", source, "--tracking-uri", uri, "--out", tmp_path / out)
+        assert code == 0, err
+        assert code == 0 and filecmp.cmp(tmp_path / "a" / WEIGHTS, tmp_path / out / WEIGHTS, shallow=False)
     code, _, err = cli(capsys, "export", "--run", unfinished, "--tracking-uri", uri, "--out", tmp_path / "b")
     assert code == 2 and err.count("\n") == 1 and f"--run {unfinished}: no checkpoint" in err and WEIGHTS in err
     assert not (tmp_path / "b").exists()

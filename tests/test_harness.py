@@ -147,7 +147,7 @@ def test_cli_logs_to_the_run_and_the_runs_table_carries_it(trained, store, tmp_p
     uri, experiment, _ = store
     client = MlflowClient(uri)
     runs = {}
-    for family, folder in trained.items():  # grid-point runs as a sweep leaves them
+    for family, folder in trained.items():  # grid-point runs as tracked before logged models
         spec = RunFolder(folder).description()["spec"]
         run = client.create_run(experiment, tags={HASH_TAG: family}).info.run_id
         for key, value in {"family": family, "budget": spec["budget"], "params": 1000, "tokens": 1e5}.items():

@@ -65,7 +65,9 @@ def assert_one_finished_run_per_point(uri: str, experiment: str, points: int):
     models = client.search_logged_models(experiment_ids=[runs[0].info.experiment_id])
     assert sorted(m.source_run_id for m in models) == sorted(r.info.run_id for r in runs)
     assert {m.status for m in models} == {"READY"}
-    assert {f.path for f in client.list_logged_model_artifacts(models[0].model_id)} >= {"result.json"}
+    for model in models:  # the weights once per run: in its logged model, not among the run's artifacts too
+        assert {f.path for f in client.list_logged_model_artifacts(model.model_id)} == {"model.safetensors", "result.json"}
+        assert {a.path for a in client.list_artifacts(model.source_run_id)} == {"config.json", "result.json"}
     return client, runs
 
 
@@ -187,8 +189,6 @@ def test_sweep_over_http_logs_every_point_once_and_reruns_nothing(tmp_path, mlfl
     assert any("system/cpu_utilization_percentage" in r.data.metrics for r in runs)  # MLflow's own monitor
     assert run.data.tags["mlflow.parentRunId"]
     assert run.data.tags["mlflow.source.name"] == "isoflop sweep mini-http" and run.data.tags["mlflow.user"]
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.json", "model.safetensors", "result.json"} <= artifacts
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])  # the sweep's run: ended, with its file and grid
     assert parent.info.status == "FINISHED" and parent.data.tags["isoflop.sweep"] == "mini-http"
     assert {"mini-http.yaml", "grid.txt"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
