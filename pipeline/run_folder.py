@@ -145,14 +145,14 @@ def load_from_mlflow(run_id: str, tracking_uri: str, device: str | torch.device 
     client = MlflowClient(tracking_uri)
     try:
         run = client.get_run(run_id)
-        present = {f.path for f in client.list_artifacts(run_id)}
         models = [model for model in client.search_logged_models(experiment_ids=[run.info.experiment_id],
                                                                  filter_string=f"source_run_id = '{run_id}'")
                   if model.status == "READY"]  # (a filter on status matches nothing in MLflow 3.17)
     except MlflowException as err:
         raise RunFolderError(f"--run {run_id}: not found in {tracking_uri} ({err.message.splitlines()[0]})") from None
-    if models:
-        present = {f.path for f in client.list_logged_model_artifacts(models[0].model_id)}
+    model = models[0] if models else None
+    listing = client.list_logged_model_artifacts(model.model_id) if model else client.list_artifacts(run_id)
+    present = {f.path for f in listing}
     weights = LEGACY_WEIGHTS if LEGACY_WEIGHTS in present and WEIGHTS not in present else WEIGHTS
     missing = [name for name in (weights, DESCRIPTION) if name not in present]
     if missing:
@@ -160,8 +160,8 @@ def load_from_mlflow(run_id: str, tracking_uri: str, device: str | torch.device 
                              "the run is unfinished, failed, or not a grid point)")
     with tempfile.TemporaryDirectory(prefix="isoflop-run-") as tmp, _no_progress_bars():
         for name in (weights, DESCRIPTION):
-            if models:
-                download_artifacts(f"{models[0].artifact_location}/{name}", dst_path=tmp, tracking_uri=tracking_uri)
+            if model:
+                download_artifacts(f"{model.artifact_location}/{name}", dst_path=tmp, tracking_uri=tracking_uri)
             else:
                 client.download_artifacts(run_id, name, tmp)
         return RunFolder(tmp).load(device, source=f"run {run_id}")

@@ -102,7 +102,7 @@ def check_run(spec: RunSpec, data_dir: str | Path, world_size: int = 1) -> tuple
 
 
 # With one rank there is nothing to reduce, yet ZeRO-1/2 by default still copies each gradient into a bucket as
-# autograd makes it and splits the bucket rank by rank: about 4% of a small CPU step, and no bit of the
+# autograd makes it and splits the bucket rank by rank: 2-4% of a small CPU step, and no bit of the
 # result changes without it (tests/test_deepspeed_settings.py). A sweep's `deepspeed:` block can set both back.
 ONE_RANK_ZERO = {"contiguous_gradients": False, "reduce_scatter": False}
 
