@@ -45,12 +45,12 @@ class Losses(Reporter):
         self.losses += [r["loss"] for r in rows]
 
 
-@pytest.mark.parametrize("zero", [1, 2])
-def test_the_one_rank_settings_change_no_bit_of_a_run(tmp_path, zero):
+@pytest.mark.parametrize("zero,precision", [(1, "fp32"), (2, "fp32"), (2, "bf16")])
+def test_the_one_rank_settings_change_no_bit_of_a_run(tmp_path, zero, precision):
     """They only skip gradient staging that one rank has no use for: losses and weights match DeepSpeed's defaults."""
     data = synthetic(tmp_path / "data", tokens=100_000, seed=0).path
     cfg = TrainConfig(seq_len=32, batch_size=8, micro_batch_size=4, lr=3e-3, warmup_min_steps=5, eval_samples=2,
-                      val_blocks=4, log_every=1, checkpoint_every=0, zero_stage=zero)
+                      val_blocks=4, log_every=1, checkpoint_every=0, zero_stage=zero, precision=precision)
     spec = RunSpec(family="mdm", shape="cpu-26k", budget=6 * 26_000 * 8 * 32 * 25, train=cfg)
     ds_defaults = {"zero_optimization": {key: not value for key, value in ONE_RANK_ZERO.items()}}
     deepspeed_spec = spec.model_copy(update={"train": cfg.with_overrides({"deepspeed": ds_defaults})})
