@@ -140,14 +140,14 @@ def load_from_mlflow(run_id: str, tracking_uri: str, device: str | torch.device 
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from pipeline.tracking import logged_models
+
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
         raise RunFolderError(f"--tracking-uri: no MLflow database at {tracking_uri.removeprefix('sqlite:///')}")
     client = MlflowClient(tracking_uri)
     try:
         run = client.get_run(run_id)
-        models = [model for model in client.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                                                 filter_string=f"source_run_id = '{run_id}'")
-                  if model.status == "READY"]  # (a filter on status matches nothing in MLflow 3.17)
+        models = [m for m in logged_models(client, run.info.experiment_id, run_id) if m.status == "READY"]
     except MlflowException as err:
         raise RunFolderError(f"--run {run_id}: not found in {tracking_uri} ({err.message.splitlines()[0]})") from None
     model = models[0] if models else None

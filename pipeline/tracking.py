@@ -4,9 +4,7 @@ from __future__ import annotations
 import functools
 import getpass
 import json
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -202,8 +200,7 @@ class RunLogger:
         """The final weights as an MLflow logged model of this run (what `mlflow.search_logged_models` lists),
         named by the run (MLflow refuses '.' in model names: 1.00e+11 becomes 1_00e+11) and holding its final
         files; once per run, however often the point is resumed."""
-        found = self.client.search_logged_models(experiment_ids=[self.experiment_id],
-                                                 filter_string=f"source_run_id = '{self.run_id}'")
+        found = logged_models(self.client, self.experiment_id, self.run_id)
         if found and found[0].status == "READY":
             return found[0].model_id
         spec = self.spec
@@ -212,16 +209,20 @@ class RunLogger:
         model = found[0] if found else self.client.create_logged_model(
             self.experiment_id, name=spec.run_name.replace(".", "_"), source_run_id=self.run_id, params=params,
             tags={HASH_TAG: spec.run_hash}, model_type=f"isoflop-{spec.family}")
-        with tempfile.TemporaryDirectory() as folder:
-            for path in artifacts:
-                shutil.copy(path, folder)
-            self.client.log_model_artifacts(model.model_id, folder)
+        for path in artifacts:
+            self.client.log_model_artifact(model.model_id, str(path))
         self.client.finalize_logged_model(model.model_id, "READY")
         return model.model_id
 
     def fail(self, reason: str) -> None:
         self.client.set_tag(self.run_id, REASON_TAG, reason[:5000])
         self.client.set_terminated(self.run_id, FAILED)
+
+
+def logged_models(client: MlflowClient, experiment_id: str, run_id: str) -> list:
+    """The logged models of run `run_id` (one, once its point finished; check `.status == "READY"`: MLflow 3.17's
+    search matches no filter on status)."""
+    return client.search_logged_models(experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'")
 
 
 def run_status(client: MlflowClient, experiment_id: str, run_hash: str) -> tuple[str | None, str]:
