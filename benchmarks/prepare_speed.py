@@ -31,7 +31,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from pipeline.corpus import documents  # noqa: E402
-from pipeline.prepare import prepare  # noqa: E402
+from pipeline.prepare import available_cores, prepare  # noqa: E402
 
 TARGET_RATIO, TARGET_RSS_GB = 0.8, 2.0
 
@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--one-core-mb", type=int, default=40, help="text for the one-thread encode_batch baseline")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/isoflop-prepare-speed"))
     args = parser.parse_args()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = available_cores()
     jobs = args.jobs or cores
 
     start = time.perf_counter()

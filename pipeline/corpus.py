@@ -93,7 +93,7 @@ def _txt(stream: BinaryIO, path: Path, field: str, tally: Tally) -> Iterator[str
     # A block's last piece may continue in the next block, so it is carried over. Blocks end at a
     # newline, and a boundary cut inside a blank-line run only adds empty pieces, which are skipped.
     carry = ""
-    for _, text in _text_blocks(stream, path):
+    for text in _text_blocks(stream, path):
         pieces = _SEPARATOR.split(carry + text)
         carry = pieces.pop()
         yield from _stripped(pieces, tally)
@@ -109,7 +109,7 @@ def _stripped(pieces: list[str], tally: Tally) -> Iterator[str]:
 
 def _jsonl(stream: BinaryIO, path: Path, field: str, tally: Tally) -> Iterator[str]:
     number = 0
-    for _, text in _text_blocks(stream, path):
+    for text in _text_blocks(stream, path):
         lines = text.split("\n")
         if text.endswith("\n"):
             lines.pop()
@@ -154,8 +154,9 @@ def _parquet(stream: BinaryIO, path: Path, field: str, tally: Tally) -> Iterator
         yield from (text for text in column.to_pylist() if text is not None)
 
 
-def _text_blocks(stream: BinaryIO, path: Path) -> Iterator[tuple[int, str]]:
-    """(byte offset, text) blocks of the decoded stream, each cut just after a newline but the last."""
+def _text_blocks(stream: BinaryIO, path: Path) -> Iterator[str]:
+    """Text blocks of the decoded stream, each cut just after a newline but the last (a decoding error names
+    the byte offset of its block)."""
     offset, pending = 0, []
     while block := stream.read(BLOCK_BYTES):
         cut = block.rfind(b"\n") + 1
@@ -163,11 +164,11 @@ def _text_blocks(stream: BinaryIO, path: Path) -> Iterator[tuple[int, str]]:
             pending.append(block)  # no newline yet: a long line or document, read on
             continue
         raw = b"".join([*pending, block[:cut]])
-        yield offset, _decode(raw, path, offset)
+        yield _decode(raw, path, offset)
         offset, pending = offset + len(raw), [block[cut:]]
     raw = b"".join(pending)
     if raw:
-        yield offset, _decode(raw, path, offset)
+        yield _decode(raw, path, offset)
 
 
 def _decode(raw: bytes, path: Path, offset: int) -> str:

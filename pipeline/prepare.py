@@ -66,7 +66,7 @@ def prepare(inputs: list[str], out: str | Path, *, tokenizer: str = "byte", val_
         raise DataError(f"max_missing: must be a fraction in [0, 1), got {max_missing}")
     if not text_field:
         raise DataError("text_field: must be a field name, got ''")
-    jobs = _cores() if jobs is None else jobs
+    jobs = available_cores() if jobs is None else jobs
     if jobs < 1 or shard_tokens < 1:
         raise DataError(f"jobs, shard_tokens: must be positive, got jobs={jobs} shard_tokens={shard_tokens}")
     Tokenizer.check_spec(tokenizer)
@@ -191,10 +191,6 @@ class _Shards:
         self.listed: list[tuple[str, int]] = []  # (file name, tokens)
         self._file = None
 
-    @property
-    def tokens(self) -> int:
-        return sum(n for _, n in self.listed)
-
     def write(self, ids: np.ndarray) -> None:
         while len(ids):
             if not self.listed or self.listed[-1][1] == self.limit:
@@ -212,7 +208,7 @@ class _Shards:
             self._file = None
 
 
-def _cores() -> int:
+def available_cores() -> int:
     """The cores this process may run on (fewer than the machine's under a container's or scheduler's limit)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
