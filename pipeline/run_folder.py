@@ -41,8 +41,8 @@ class RunFolder:
     @property
     def weights(self) -> Path:
         """The weights file: model.safetensors, or model.pt in a folder finished before safetensors."""
-        legacy = self.path / LEGACY_WEIGHTS
-        return legacy if legacy.is_file() and not (self.path / WEIGHTS).is_file() else self.path / WEIGHTS
+        present = {name for name in (WEIGHTS, LEGACY_WEIGHTS) if (self.path / name).is_file()}
+        return self.path / weights_name(present)
 
     @property
     def files(self) -> list[Path]:
@@ -103,6 +103,11 @@ class RunFolder:
                             source or str(self.path))
 
 
+def weights_name(present: set[str]) -> str:
+    """Of the file names a finished run holds, its weights': model.pt only where model.safetensors is absent."""
+    return LEGACY_WEIGHTS if LEGACY_WEIGHTS in present and WEIGHTS not in present else WEIGHTS
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from safetensors, or from a legacy model.pt (unpickled weights-only: tensors, no code)."""
     if path.suffix == ".safetensors":
@@ -153,7 +158,7 @@ def load_from_mlflow(run_id: str, tracking_uri: str, device: str | torch.device 
     model = models[0] if models else None
     listing = client.list_logged_model_artifacts(model.model_id) if model else client.list_artifacts(run_id)
     present = {f.path for f in listing}
-    weights = LEGACY_WEIGHTS if LEGACY_WEIGHTS in present and WEIGHTS not in present else WEIGHTS
+    weights = weights_name(present)
     missing = [name for name in (weights, DESCRIPTION) if name not in present]
     if missing:
         raise RunFolderError(f"--run {run_id}: no checkpoint (artifacts lack {', '.join(missing)}; "
