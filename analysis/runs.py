@@ -91,11 +91,12 @@ def conform(raw: pd.DataFrame, mapping: dict[str, str] | None = None) -> pd.Data
                         "rename with --map COLUMN=NAME")
     if df.empty:
         raise RunsError("runs table is empty")
-    df = df[[c for c in COLUMNS if c in df.columns] + eval_columns(df)].copy()
+    evals = eval_columns(df)
+    df = df[[c for c in COLUMNS if c in df.columns] + evals].copy()
     df["family"] = df["family"].astype(str).str.strip().str.lower() if "family" in df.columns else "all"
     if "variant" in df.columns:  # a CSV reads "" back as NaN
         df["variant"] = df["variant"].fillna("").astype(str).str.strip()
-    for column in (*NUMERIC, *OPTIONAL_NUMERIC, *eval_columns(df)):
+    for column in (*NUMERIC, *OPTIONAL_NUMERIC, *evals):
         if column in df.columns:
             df[column] = pd.to_numeric(df[column], errors="coerce")
     if "tokens" not in df.columns:

@@ -199,14 +199,15 @@ def cmd_eval(args) -> int:
                                ("--num-fewshot", args.num_fewshot, 0)):
         if value is not None and value < least:
             raise ConfigError(f"{name} must be >= {least}, got {value}")
-    manager = task_manager(tasks, tuple(args.include_path or ()))  # unknown tasks fail here, before any loading
+    include_paths = tuple(args.include_path or ())
+    manager = task_manager(tasks, include_paths)  # unknown tasks fail here, before any loading
     trained = load_trained(folder=args.checkpoint, run=args.run, tracking_uri=args.tracking_uri)
     sampling = {"steps": args.steps, "sampler": args.sampler}
     _refuse_options(trained, trained.family.sample_options, sampling)
     _refuse_options(trained, trained.family.score_options, {"cfg": args.cfg or None})
     if trained.family.score_options:  # the MDM guides its generations as it guides its likelihoods
         sampling["cfg"] = args.cfg
-    settings = EvalSettings(tasks, tuple(args.include_path or ()),
+    settings = EvalSettings(tasks, include_paths,
                             MonteCarlo(samples=args.samples, cfg=args.cfg, seed=args.seed),
                             {k: v for k, v in sampling.items() if v is not None}, args.limit, args.num_fewshot)
     results = evaluate(trained.model, trained.family, trained.tokenizer(args.data), settings, manager)

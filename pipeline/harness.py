@@ -95,7 +95,7 @@ class IsoflopLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             length = min(int(options.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS)), self.context - 1)
             temperature = float(options.pop("temperature", 0.0)) if options.pop("do_sample", False) else 0.0
-            prompt = self.tokenizer.encode_prompt(text)[-(self.context - length):]
+            prompt = self._fit(self.tokenizer.encode_prompt(text), length, request)
             answer = self._generate(prompt, length, temperature)
             results.append(_cut(self._decode(answer), until))
         return results

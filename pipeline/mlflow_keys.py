@@ -35,7 +35,7 @@ def resolve_uri(uri: str | None = None, default: str = DEFAULT_TRACKING_URI) -> 
                   f"isoflop versions ({_sqlite_file(uri).name}, MLflow's default, does not exist here)")
         uri = EARLIER_DEFAULT_URI
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+        uri = "sqlite:///" + str(_sqlite_file(uri).resolve())
     return uri
 
 
