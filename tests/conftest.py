@@ -38,3 +38,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """`isoflop ARGS` in this process: (exit code, stdout, stderr)."""
+    from pipeline.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err

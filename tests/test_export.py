@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_word_jsonl
+from conftest import cli, write_word_jsonl
 from safetensors.torch import load_file
 
-from pipeline.cli import main
 from pipeline.config import RunSpec, TrainConfig
 from pipeline.data import load_dataset
 from pipeline.family import FAMILIES
@@ -58,12 +57,6 @@ def finished_run(folder: Path, family: str, data: Path, seed: int = 0) -> Path:
                             "flops_convention": "6ND"})
     RunFolder(folder).write(model.state_dict(), spec, info, result)
     return folder
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def random_ids(vocab: int, rows: int = 3, seed: int = 1) -> torch.Tensor:

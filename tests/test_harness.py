@@ -8,11 +8,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
+from conftest import cli
 
 from analysis.cli import main as analyze
 from analysis.runs import from_mlflow, write_table
 from analysis.synthetic import synthetic_runs
-from pipeline.cli import main
 from pipeline.config import RunSpec, TrainConfig
 from pipeline.flops import budget_for_steps
 from pipeline.harness import SHIPPED_TASKS, EvalSettings, evaluate, metrics_of
@@ -133,12 +133,6 @@ def test_an_included_task_reads_greedy_decoding(trained, tmp_path, family):
     results = evaluate(model, loaded.family, tokenizer, settings("own_greedy", include_paths=(str(tmp_path / "tasks"),)))
     assert [s["resps"][0][0][1] for s in results["samples"]["own_greedy"]] == [True, False, True, False]
     assert metrics_of(results)["eval/own_greedy/acc"] == 0.5
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_logs_to_the_run_and_the_runs_table_carries_it(trained, store, tmp_path, capsys):

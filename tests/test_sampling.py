@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cli
 from scipy import stats
 
-from pipeline.cli import main
 from pipeline.config import RunSpec, TrainConfig
 from pipeline.data import load_tokenizer
 from pipeline.errors import SamplingError
@@ -18,7 +18,15 @@ from pipeline.family import FAMILIES
 from pipeline.flops import budget_for_steps
 from pipeline.model import Transformer
 from pipeline.noise import MonteCarlo, masking
-from pipeline.sampling import ArmSampling, MdmSampling, arm_sample, gumbel, gumbel_argmax, guided_logits, mdm_sample
+from pipeline.sampling import (
+    ArmSampling,
+    MdmSampling,
+    arm_sample,
+    guided_logits,
+    gumbel,
+    gumbel_argmax,
+    mdm_sample,
+)
 from pipeline.scoring import ChoiceTask, continuation_nll, evaluate_choices
 from pipeline.shapes import Shape, resolve_shape
 from pipeline.synthetic import SyntheticLanguage, synthetic
@@ -255,12 +263,6 @@ def test_multiple_choice_on_a_task_the_trained_models_learned(trained):
         assert loaded.family is FAMILIES[family]
         result = evaluate_choices(loaded.model, loaded.tokenizer(), tasks, MonteCarlo(samples=16))
         assert result.total == 24 and result.accuracy >= 0.8, (family, result)
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_sample_and_score(trained, tmp_path, capsys):
