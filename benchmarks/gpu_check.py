@@ -11,12 +11,12 @@ import tempfile
 
 import torch
 
-from pipeline.config import RunSpec, TrainConfig
-from pipeline.family import FAMILIES
-from pipeline.flops import budget_for_steps
-from pipeline.shapes import resolve_shape
-from pipeline.synthetic import synthetic
-from pipeline.train import Reporter, train
+from pipeline.data.synthetic import synthetic
+from pipeline.model.family import FAMILIES
+from pipeline.model.flops import budget_for_steps
+from pipeline.model.shapes import resolve_shape
+from pipeline.recipe import RunSpec, TrainConfig
+from pipeline.training.loop import Reporter, train
 
 
 class Last(Reporter):
@@ -42,12 +42,12 @@ def main() -> None:
         for name in args.models.split(","):
             for family in FAMILIES:
                 for compiled in args.compile.split(","):
-                    cfg = TrainConfig(seq_len=2048, batch_size=4 * args.micro_batch, micro_batch_size=args.micro_batch,
+                    recipe = TrainConfig(seq_len=2048, batch_size=4 * args.micro_batch, micro_batch_size=args.micro_batch,
                                       lr=2e-4, warmup_min_steps=5, log_every=10, checkpoint_every=0, eval_samples=1,
                                       val_blocks=1, zero_stage=2, precision="bf16", compile=compiled == "on")
                     shape = resolve_shape(name)
-                    budget = budget_for_steps(shape, args.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
-                    spec = RunSpec(family=family, shape=shape, budget=budget, train=cfg)
+                    budget = budget_for_steps(shape, args.steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len)
+                    spec = RunSpec(family=family, shape=shape, budget=budget, train=recipe)
                     last = Last()
                     train(spec, data_dir, f"{tmp}/{name}-{family}-{compiled}", reporter=last, verbose=False)
                     steady = last.rows[1:] or last.rows

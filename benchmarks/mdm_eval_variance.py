@@ -17,15 +17,15 @@ import tempfile
 
 import torch
 
-from pipeline.config import RunSpec, TrainConfig
-from pipeline.data import load_dataset
-from pipeline.family import FAMILIES
-from pipeline.flops import budget_for_steps
-from pipeline.noise import MonteCarlo
-from pipeline.run_folder import RunFolder
-from pipeline.shapes import resolve_shape
-from pipeline.synthetic import synthetic
-from pipeline.train import train
+from pipeline.data.dataset import load_dataset
+from pipeline.data.synthetic import synthetic
+from pipeline.model.family import FAMILIES
+from pipeline.model.flops import budget_for_steps
+from pipeline.model.noise import MonteCarlo
+from pipeline.model.shapes import resolve_shape
+from pipeline.recipe import RunSpec, TrainConfig
+from pipeline.training.loop import train
+from pipeline.training.run_folder import RunFolder
 
 # name: how each repeat's MonteCarlo is built from its seed ("count" validation is seeded by eval_seed)
 ESTIMATORS = {
@@ -42,14 +42,14 @@ def trained_model(seq_len: int, sequences: int):
     with tempfile.TemporaryDirectory() as tmp:
         # one epoch (the recipe's): the corpus holds every training block, with room for the held-out split
         data_dir = synthetic(f"{tmp}/data", tokens=int(1.2 * steps * batch * (seq_len + 1)), seed=0).path
-        cfg = TrainConfig(seq_len=seq_len, batch_size=batch, lr=3e-3, warmup_min_steps=10, log_every=50,
+        recipe = TrainConfig(seq_len=seq_len, batch_size=batch, lr=3e-3, warmup_min_steps=10, log_every=50,
                           checkpoint_every=0, eval_samples=4, val_blocks=4, zero_stage=0)
         shape = resolve_shape("cpu-197k")
-        budget = budget_for_steps(shape, steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
-        trained = train(RunSpec(family="mdm", shape=shape, budget=budget, train=cfg), data_dir, f"{tmp}/run",
+        budget = budget_for_steps(shape, steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len)
+        trained = train(RunSpec(family="mdm", shape=shape, budget=budget, train=recipe), data_dir, f"{tmp}/run",
                         verbose=False)
         model = RunFolder(f"{tmp}/run").load().model
-        blocks = load_dataset(data_dir).val_blocks(seq_len=cfg.seq_len, max_blocks=sequences)
+        blocks = load_dataset(data_dir).val_blocks(seq_len=recipe.seq_len, max_blocks=sequences)
     return model, blocks, trained.val_loss
 
 

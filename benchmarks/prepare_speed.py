@@ -30,8 +30,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from pipeline.corpus import documents  # noqa: E402
-from pipeline.prepare import available_cores, prepare  # noqa: E402
+from pipeline.data.corpus import documents  # noqa: E402
+from pipeline.data.prepare import available_cores, prepare  # noqa: E402
 
 TARGET_RATIO, TARGET_RSS_GB = 0.8, 2.0
 
@@ -69,7 +69,7 @@ def make_corpus(folder: Path, size_mb: int, files: int, seed: int = 0) -> list[P
 def trained_tokenizer(folder: Path, corpus: list[Path], vocab: int) -> Path:
     path = folder / f"bpe{vocab}.json"  # next to the corpus it was trained on
     if not path.is_file():
-        from pipeline.tokenizer import Tokenizer
+        from pipeline.data.tokenizer import Tokenizer
 
         budget = [10_000_000]
 

@@ -20,14 +20,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import RunSpec, TrainConfig
-from pipeline.data import load_dataset
-from pipeline.family import FAMILIES
-from pipeline.flops import budget_for_steps
-from pipeline.run_folder import RunFolder, TrainedModel
-from pipeline.sampling import ArmSampling, MdmSampling, Sample, arm_sample, mdm_sample
-from pipeline.shapes import resolve_shape
-from pipeline.synthetic import synthetic
+from pipeline.data.dataset import load_dataset
+from pipeline.data.synthetic import synthetic
+from pipeline.model.family import FAMILIES
+from pipeline.model.flops import budget_for_steps
+from pipeline.model.sampling import ArmSampling, MdmSampling, Sample, arm_sample, mdm_sample
+from pipeline.model.shapes import resolve_shape
+from pipeline.recipe import RunSpec, TrainConfig
+from pipeline.training.run_folder import RunFolder, TrainedModel
 
 
 @dataclass
@@ -43,20 +43,20 @@ class Row:
 
 def train_pair(args) -> dict[str, Path]:
     """Train the MDM and the ARM with one recipe; a folder that already holds the same run is reused."""
-    from pipeline.train import train
+    from pipeline.training.loop import train
 
     data = Path(args.out) / "data"
     if not (data / "meta.json").exists():
         tokens = args.train_steps * max(args.mdm_compute, 1) * args.train_batch * (args.seq_len + 1)
         synthetic(data, tokens=int(tokens) + 100_000, seed=0)
-    cfg = TrainConfig(seq_len=args.seq_len, batch_size=args.train_batch, lr=2e-3, warmup_min_steps=20, zero_stage=0,
+    recipe = TrainConfig(seq_len=args.seq_len, batch_size=args.train_batch, lr=2e-3, warmup_min_steps=20, zero_stage=0,
                       eval_samples=16, val_blocks=32, checkpoint_every=0, log_every=100)
     shape = resolve_shape(args.shape)
-    budget = budget_for_steps(shape, args.train_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
+    budget = budget_for_steps(shape, args.train_steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len)
     folders = {}
     for family in FAMILIES.values():
         compute = {"mdm": args.mdm_compute}.get(family.name, 1)  # the paper's claim trains the MDM longer
-        spec = RunSpec(family=family.name, shape=shape, budget=budget * compute, train=cfg,
+        spec = RunSpec(family=family.name, shape=shape, budget=budget * compute, train=recipe,
                        data_fingerprint=load_dataset(data).info.fingerprint)
         folder = RunFolder(Path(args.out) / "models" / family.name)
         if not folder.is_finished(spec.run_hash):

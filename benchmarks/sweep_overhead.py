@@ -18,8 +18,9 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.sweep import run_sweep, trials_that_fit
-from pipeline.config import Resources
+from pipeline.sweep.driver import run_sweep
+from pipeline.sweep.plan import trials_that_fit
+from pipeline.sweep.schema import Resources
 
 
 def measure(sweep: dict, workdir: Path, worker_group: bool) -> dict:

@@ -21,8 +21,8 @@ from mlflow.tracking import MlflowClient
 
 from analysis.runs import from_mlflow, write_table
 from pipeline import tracking
-from pipeline.config import RunSpec, TrainConfig
 from pipeline.mlflow_keys import FINISHED, HASH_TAG
+from pipeline.recipe import RunSpec, TrainConfig
 
 SPEC = RunSpec(family="arm", shape="cpu-26k", budget=1e10, train=TrainConfig())
 

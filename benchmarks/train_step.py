@@ -16,38 +16,38 @@ import time
 
 import torch
 
-from pipeline.config import RunSpec, TrainConfig
-from pipeline.data import load_dataset
-from pipeline.family import FAMILIES
-from pipeline.flops import budget_for_steps
-from pipeline.model import Transformer
-from pipeline.shapes import resolve_shape
-from pipeline.synthetic import synthetic
-from pipeline.train import ONE_RANK_ZERO, LogWindow, Reporter, build_run, lr_at, train_step
+from pipeline.data.dataset import load_dataset
+from pipeline.data.synthetic import synthetic
+from pipeline.model.family import FAMILIES
+from pipeline.model.flops import budget_for_steps
+from pipeline.model.shapes import resolve_shape
+from pipeline.model.transformer import Transformer
+from pipeline.recipe import RunSpec, TrainConfig
+from pipeline.training.loop import ONE_RANK_ZERO, LogWindow, Reporter, build_run, lr_at, train_step
 
 
 class BareLoop:
     """The recipe's step in plain PyTorch: same model, batches, noise, schedule and clipping."""
 
     def __init__(self, spec: RunSpec, data, steps: int):
-        cfg = self.cfg = spec.train
+        recipe = self.recipe = spec.train
         self.family, self.data, self.steps = FAMILIES[spec.family], data, steps
-        torch.manual_seed(cfg.seed)
-        self.model = Transformer(self.family.model_config(spec.shape, data.info.vocab_size, cfg.seq_len, cfg.init))
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                     weight_decay=cfg.weight_decay)
+        torch.manual_seed(recipe.seed)
+        self.model = Transformer(self.family.model_config(spec.shape, data.info.vocab_size, recipe.seq_len, recipe.init))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=recipe.lr, betas=(recipe.beta1, recipe.beta2),
+                                     weight_decay=recipe.weight_decay)
 
     def window(self, first: int, count: int) -> None:
-        cfg, losses = self.cfg, []
+        recipe, losses = self.recipe, []
         for step in range(first, first + count):
             for group in self.opt.param_groups:
-                group["lr"] = lr_at(step, self.steps, cfg)
-            block = self.data.train_batch(step=step, rank=0, world_size=1, batch_size=cfg.batch_size,
-                                          seq_len=cfg.seq_len, seed=cfg.seed)
-            loss = self.family.loss(self.model, block, self.family.training_noise(cfg, step, 0, cfg.batch_size)).mean()
+                group["lr"] = lr_at(step, self.steps, recipe)
+            block = self.data.train_batch(step=step, rank=0, world_size=1, batch_size=recipe.batch_size,
+                                          seq_len=recipe.seq_len, seed=recipe.seed)
+            loss = self.family.loss(self.model, block, self.family.training_noise(recipe, step, 0, recipe.batch_size)).mean()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), recipe.grad_clip)
             self.opt.step()
             losses.append(loss.detach())
         torch.stack(losses).mean().item()  # one host read per window, as the trainer does
@@ -75,21 +75,21 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=5, help="steps per turn (the log window)")
     parser.add_argument("--turns", type=int, default=40, help="turns per loop, after one untimed warm-up turn")
     args = parser.parse_args()
-    cfg = TrainConfig(seq_len=128, batch_size=16, lr=1e-3, warmup_min_steps=10, log_every=args.window,
+    recipe = TrainConfig(seq_len=128, batch_size=16, lr=1e-3, warmup_min_steps=10, log_every=args.window,
                       checkpoint_every=0, eval_samples=1, val_blocks=1, zero_stage=args.zero_stage)
     steps = args.window * (args.turns + 1)
     with tempfile.TemporaryDirectory() as tmp:  # a corpus no loop repeats: 1.25x the tokens they train on
-        data_dir = synthetic(f"{tmp}/data", tokens=int(1.25 * steps * cfg.batch_size * (cfg.seq_len + 1)), seed=0).path
+        data_dir = synthetic(f"{tmp}/data", tokens=int(1.25 * steps * recipe.batch_size * (recipe.seq_len + 1)), seed=0).path
         data = load_dataset(data_dir)
         shape = resolve_shape(args.model)
-        spec = RunSpec(family=args.family, shape=shape, train=cfg,
-                       budget=budget_for_steps(shape, steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len))
+        spec = RunSpec(family=args.family, shape=shape, train=recipe,
+                       budget=budget_for_steps(shape, steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len))
         staged = {"zero_optimization": {key: not value for key, value in ONE_RANK_ZERO.items()}}
         loops = {
             "bare PyTorch": BareLoop(spec, data, steps),
             "isoflop trainer": Trainer(spec, data_dir, f"{tmp}/trainer"),
             "with DeepSpeed's one-rank defaults": Trainer(
-                spec.model_copy(update={"train": cfg.with_overrides({"deepspeed": staged})}), data_dir, f"{tmp}/staged"),
+                spec.model_copy(update={"train": recipe.with_overrides({"deepspeed": staged})}), data_dir, f"{tmp}/staged"),
         }
         seconds = {name: [] for name in loops}
         for turn in range(args.turns + 1):
@@ -99,7 +99,7 @@ def main() -> None:
                 loops[name].window(turn * args.window, args.window)
                 if turn:
                     seconds[name].append(time.perf_counter() - start)
-    tokens = args.window * cfg.batch_size * cfg.seq_len
+    tokens = args.window * recipe.batch_size * recipe.seq_len
     bare = seconds["bare PyTorch"]
     print(f"{args.family} {args.model}, ZeRO-{args.zero_stage}, one rank, {torch.get_num_threads()} threads, "
           f"{args.turns} turns of {args.window} steps:")

@@ -14,7 +14,7 @@ from pipeline.mlflow_keys import DEFAULT_TRACKING_URI
 
 
 def cmd_models(args) -> int:
-    from pipeline.shapes import REGISTRY
+    from pipeline.model.shapes import REGISTRY
 
     columns = ("name", "n_layer", "n_head", "d_model", "d_ff", "non_embedding_params")
     rows = [(name, s.n_layer, s.n_head, s.d_model, s.d_ff, s.non_embedding_params()) for name, s in REGISTRY.items()]
@@ -30,7 +30,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_data_prepare(args) -> int:
-    from pipeline.prepare import prepare
+    from pipeline.data.prepare import prepare
 
     info = prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction, seed=args.seed,
                    text_field=args.text_field, max_missing=args.max_missing, jobs=args.jobs, overwrite=args.overwrite,
@@ -41,7 +41,7 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_data_synthetic(args) -> int:
-    from pipeline.synthetic import synthetic
+    from pipeline.data.synthetic import synthetic
 
     info = synthetic(args.out, tokens=args.tokens, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {info.path}: {info.tokens['train']:,} train + {info.tokens['val']:,} val tokens, "
@@ -52,13 +52,13 @@ def cmd_data_synthetic(args) -> int:
 def _run_spec(args):
     from pydantic import ValidationError
 
-    from pipeline.config import RunSpec, TrainConfig, format_validation_error, parse_overrides
+    from pipeline.recipe import RunSpec, TrainConfig, format_validation_error, parse_overrides
 
     overrides = parse_overrides(args.set or [])
     if args.zero_stage is not None:
         overrides["zero_stage"] = args.zero_stage
     try:
-        train_cfg = TrainConfig(**overrides)
+        recipe = TrainConfig(**overrides)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, "train")) from None
     try:
@@ -66,13 +66,13 @@ def _run_spec(args):
     except ValueError:
         raise ConfigError(f"--flops: expected a number of FLOPs, got {args.flops!r}") from None
     try:
-        return RunSpec(family=args.family, shape=args.model, budget=flops, train=train_cfg)
+        return RunSpec(family=args.family, shape=args.model, budget=flops, train=recipe)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
 
 
 def _train_worker(spec, data_dir, out_dir) -> None:
-    from pipeline.train import train
+    from pipeline.training.loop import train
 
     train(spec, data_dir, out_dir)
 
@@ -80,9 +80,9 @@ def _train_worker(spec, data_dir, out_dir) -> None:
 def cmd_train(args) -> int:
     import torch
 
-    from pipeline import distributed
-    from pipeline.run_folder import RunFolder
-    from pipeline.train import check_run
+    from pipeline.training import distributed
+    from pipeline.training.loop import check_run
+    from pipeline.training.run_folder import RunFolder
 
     spec = _run_spec(args)
     workers = args.workers or max(1, torch.cuda.device_count())
@@ -99,19 +99,19 @@ def cmd_train(args) -> int:
 
 def cmd_sweep(args) -> int:
     if args.submit:
-        from pipeline.jobs import submit_sweep
+        from pipeline.sweep.submit import submit_sweep
 
         if args.dry_run or args.rerun_failed:
             raise ConfigError("--submit: run --dry-run here without it; --rerun-failed is not passed to a job")
         return submit_sweep(args.file, address=args.address, tracking_uri=args.tracking_uri)
-    from pipeline.sweep import run_sweep
+    from pipeline.sweep.driver import run_sweep
 
     return run_sweep(args.file, address=args.address, tracking_uri=args.tracking_uri, rerun_failed=args.rerun_failed,
                      dry_run=args.dry_run, verbose=args.verbose)
 
 
 def cmd_status(args) -> int:
-    from pipeline.jobs import sweep_status
+    from pipeline.sweep.submit import sweep_status
 
     return sweep_status(args.name, address=args.address)
 
@@ -142,10 +142,10 @@ def cmd_sample(args) -> int:
 
     import torch
 
-    from pipeline.run_folder import load_trained
+    from pipeline.use.loading import load_trained
 
     trained = load_trained(folder=args.checkpoint, run=args.run, tracking_uri=args.tracking_uri)
-    options = {"steps": args.steps, "sampler": args.sampler, "cfg": args.cfg}
+    options = {"steps": args.steps, "sampler": args.sampler, "guidance": args.guidance}
     _refuse_options(trained, trained.family.sample_options, options)
     tokenizer = trained.tokenizer(args.data)
     prompt = torch.tensor([tokenizer.encode_prompt(args.prompt)], device=trained.device)
@@ -160,15 +160,15 @@ def cmd_sample(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from pipeline.noise import MonteCarlo
-    from pipeline.run_folder import load_trained
-    from pipeline.scoring import evaluate_choices, read_tasks
+    from pipeline.model.noise import MonteCarlo
+    from pipeline.use.loading import load_trained
+    from pipeline.use.scoring import evaluate_choices, read_tasks
 
     tasks = read_tasks(args.tasks)
     trained = load_trained(folder=args.checkpoint, run=args.run, tracking_uri=args.tracking_uri)
-    _refuse_options(trained, trained.family.score_options, {"cfg": args.cfg or None})
+    _refuse_options(trained, trained.family.score_options, {"guidance": args.guidance or None})
     tokenizer = trained.tokenizer(args.data)
-    result = evaluate_choices(trained.model, tokenizer, tasks, MonteCarlo(samples=args.samples, cfg=args.cfg, seed=args.seed))
+    result = evaluate_choices(trained.model, tokenizer, tasks, MonteCarlo(samples=args.samples, guidance=args.guidance, seed=args.seed))
     print(json.dumps({"family": trained.family.name, "source": trained.source, "accuracy": result.accuracy,
                       "correct": result.correct, "total": result.total,
                       **{name: getattr(args, name) for name in trained.family.score_options}}))
@@ -178,8 +178,8 @@ def cmd_score(args) -> int:
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from pipeline.export import check_out, export
-    from pipeline.run_folder import load_trained
+    from pipeline.use.export import check_out, export
+    from pipeline.use.loading import load_trained
 
     check_out(Path(args.out), args.overwrite)  # before a download
     trained = load_trained(folder=args.checkpoint, run=args.run, tracking_uri=args.tracking_uri, device="cpu")
@@ -189,10 +189,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    # lm_eval, which pipeline.harness imports, takes seconds to load: only this command pays for it
-    from pipeline.harness import EvalSettings, evaluate, log_to_mlflow, metrics_of, results_table, task_manager
-    from pipeline.noise import MonteCarlo
-    from pipeline.run_folder import load_trained
+    # lm_eval, which pipeline.use.lm_eval imports, takes seconds to load: only this command pays for it
+    from pipeline.model.noise import MonteCarlo
+    from pipeline.use.lm_eval import EvalSettings, evaluate, log_to_mlflow, metrics_of, results_table, task_manager
+    from pipeline.use.loading import load_trained
 
     tasks = tuple(name.strip() for name in args.tasks.split(",") if name.strip())
     for name, value, least in (("--samples", args.samples, 1), ("--limit", args.limit, 1),
@@ -204,11 +204,11 @@ def cmd_eval(args) -> int:
     trained = load_trained(folder=args.checkpoint, run=args.run, tracking_uri=args.tracking_uri)
     sampling = {"steps": args.steps, "sampler": args.sampler}
     _refuse_options(trained, trained.family.sample_options, sampling)
-    _refuse_options(trained, trained.family.score_options, {"cfg": args.cfg or None})
+    _refuse_options(trained, trained.family.score_options, {"guidance": args.guidance or None})
     if trained.family.score_options:  # the MDM guides its generations as it guides its likelihoods
-        sampling["cfg"] = args.cfg
+        sampling["guidance"] = args.guidance
     settings = EvalSettings(tasks, include_paths,
-                            MonteCarlo(samples=args.samples, cfg=args.cfg, seed=args.seed),
+                            MonteCarlo(samples=args.samples, guidance=args.guidance, seed=args.seed),
                             {k: v for k, v in sampling.items() if v is not None}, args.limit, args.num_fewshot)
     results = evaluate(trained.model, trained.family, trained.tokenizer(args.data), settings, manager)
     metrics = metrics_of(results)
@@ -224,9 +224,13 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# An option's flag where the two names differ: the guidance weight is "CFG" (classifier-free guidance) on the command line
+FLAGS = {"guidance": "--cfg"}
+
+
 def _refuse_options(trained, accepted: tuple[str, ...], given: dict) -> None:
     """Options the model's family has no use for are an error, not silently ignored."""
-    unused = [f"--{name}" for name, value in given.items() if value is not None and name not in accepted]
+    unused = [FLAGS.get(name, f"--{name}") for name, value in given.items() if value is not None and name not in accepted]
     if unused:
         raise ConfigError(f"{trained.source} is an {trained.family!r}; {', '.join(unused)} apply to other families only")
 
@@ -322,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, metavar="L", default=64, help="tokens to generate")
     p.add_argument("--steps", type=int, metavar="K", default=None, help="MDM: sampling steps (default: --length)")
     p.add_argument("--sampler", choices=("reverse", "confidence"), default=None, help="MDM (default: reverse)")
-    p.add_argument("--cfg", type=float, metavar="W", default=None, help="MDM: unsupervised classifier-free guidance weight")
+    p.add_argument("--cfg", dest="guidance", type=float, metavar="W", default=None, help="MDM: unsupervised classifier-free guidance weight")
     p.add_argument("--temperature", type=float, metavar="T", default=1.0, help="0 = greedy")
     p.set_defaults(func=cmd_sample)
 
@@ -331,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", metavar="FILE.jsonl", required=True,
                    help='one {"context": str, "choices": [str, ...], "answer": index} per line')
     p.add_argument("--samples", type=int, metavar="K", default=128, help="MDM: Monte Carlo draws per continuation")
-    p.add_argument("--cfg", type=float, metavar="W", default=0.0, help="MDM: unsupervised classifier-free guidance weight")
+    p.add_argument("--cfg", dest="guidance", type=float, metavar="W", default=0.0, help="MDM: unsupervised classifier-free guidance weight")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("export", help="a trained model as safetensors + config + tokenizer (an ARM as a Hugging Face "
@@ -349,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", action="append", metavar="DIR",
                    help="a folder of lm-eval task YAML files (repeatable)")
     p.add_argument("--samples", type=int, metavar="K", default=128, help="MDM: Monte Carlo draws per likelihood")
-    p.add_argument("--cfg", type=float, metavar="W", default=0.0,
+    p.add_argument("--cfg", dest="guidance", type=float, metavar="W", default=0.0,
                    help="MDM: unsupervised classifier-free guidance weight, for likelihoods and generation")
     p.add_argument("--steps", type=int, metavar="K", default=None, help="MDM generation: sampling steps (default: length)")
     p.add_argument("--sampler", choices=("reverse", "confidence"), default=None, help="MDM generation (default: reverse)")

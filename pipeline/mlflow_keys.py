@@ -17,7 +17,7 @@ SWEEP_TAG = "isoflop.sweep"            # on the sweep's parent run
 REASON_TAG = "isoflop.failure_reason"
 RESUMED_TAG = "isoflop.resumed"
 VARIANT_TAG = "isoflop.variant"        # which searched recipe values (e.g. lr=0.002) a run tried; "" when none
-LEASE_TAG = "isoflop.lease"            # "HOST PID EXPIRY" of the trial training the point now (pipeline/claim.py)
+LEASE_TAG = "isoflop.lease"            # "HOST PID EXPIRY" of the trial training the point now (pipeline/sweep/leases.py)
 PARENT_TAG = "mlflow.parentRunId"
 EVAL_PREFIX = "eval/"                  # `isoflop eval` logs eval/<task>/<metric>; the runs table keeps these columns
 

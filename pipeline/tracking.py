@@ -12,11 +12,11 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 
-from pipeline.config import RunSpec
 from pipeline.errors import TrackingError
-from pipeline.flops import BudgetPlan
-from pipeline.mlflow_keys import (FAILED, FINISHED, HASH_TAG, PARENT_TAG, REASON_TAG, RESUMED_TAG, SWEEP_TAG,
-                                  VARIANT_TAG)
+from pipeline.mlflow_keys import FAILED, FINISHED, HASH_TAG, PARENT_TAG, REASON_TAG, RESUMED_TAG, SWEEP_TAG, VARIANT_TAG
+from pipeline.model.flops import BudgetPlan
+from pipeline.recipe import RunSpec
+
 
 def prepare_store(uri: str, experiment: str) -> str:
     """Create the database and experiment once, from the driver, before any trial logs (returns its id).

@@ -1,4 +1,4 @@
-"""The lease that keeps two sweeps from training one grid point at once (pipeline/claim.py)."""
+"""The lease that keeps two sweeps from training one grid point at once (pipeline/sweep/leases.py)."""
 import os
 import socket
 import time
@@ -6,9 +6,9 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import claim as claim_module
-from pipeline.claim import Lease, PointClaim
 from pipeline.mlflow_keys import LEASE_TAG
+from pipeline.sweep import leases
+from pipeline.sweep.leases import Lease, PointClaim
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def store(tmp_path_factory):
 
 @pytest.fixture
 def run(store, monkeypatch):
-    monkeypatch.setattr(claim_module, "SETTLE_SECONDS", 0.0)
+    monkeypatch.setattr(leases, "SETTLE_SECONDS", 0.0)
     client, experiment = store
     return client, client.create_run(experiment).info.run_id
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 from test_sweep import TRAIN, assert_one_finished_run_per_point, isoflop, larger_corpus, write_sweep
 
-from pipeline.distributed import free_port
+from pipeline.training.distributed import free_port
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -4,12 +4,13 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import RunSpec, SweepConfig, TrainConfig
+from pipeline.data.synthetic import synthetic
 from pipeline.errors import SweepError
-from pipeline.grid import expand_grid, load_sweep
-from pipeline.run_folder import RunFolder, read_weights
-from pipeline.synthetic import synthetic
-from pipeline.train import ONE_RANK_ZERO, Reporter, deepspeed_config, train
+from pipeline.recipe import RunSpec, TrainConfig
+from pipeline.sweep.grid import expand_grid, load_sweep
+from pipeline.sweep.schema import SweepConfig
+from pipeline.training.loop import ONE_RANK_ZERO, Reporter, deepspeed_config, train
+from pipeline.training.run_folder import RunFolder, read_weights
 
 BASE = RunSpec(family="mdm", shape="cpu-16k", budget=1e11, train=TrainConfig(seq_len=32, batch_size=8))
 
@@ -26,11 +27,11 @@ def test_speed_settings_keep_the_run_and_numeric_ones_make_a_new_one():
 
 
 def test_the_engine_gets_the_block_merged_with_the_recipes_settings():
-    cfg = TrainConfig(zero_stage=2, deepspeed={"zero_optimization": {"overlap_comm": True}, "steps_per_print": 10})
-    config = deepspeed_config(cfg, micro=4, accumulation=2, bf16=False, world=2)
+    recipe = TrainConfig(zero_stage=2, deepspeed={"zero_optimization": {"overlap_comm": True}, "steps_per_print": 10})
+    config = deepspeed_config(recipe, micro=4, accumulation=2, bf16=False, world=2)
     assert config["zero_optimization"] == {"stage": 2, "overlap_comm": True}
-    assert config["steps_per_print"] == 10 and config["train_batch_size"] == cfg.batch_size
-    one_rank = deepspeed_config(cfg, micro=4, accumulation=4, bf16=False, world=1)["zero_optimization"]
+    assert config["steps_per_print"] == 10 and config["train_batch_size"] == recipe.batch_size
+    one_rank = deepspeed_config(recipe, micro=4, accumulation=4, bf16=False, world=1)["zero_optimization"]
     assert one_rank == {"stage": 2, "overlap_comm": True, "contiguous_gradients": False, "reduce_scatter": False}
     staged = TrainConfig(deepspeed={"zero_optimization": {"contiguous_gradients": True}})
     staged_config = deepspeed_config(staged, micro=4, accumulation=4, bf16=False, world=1)
@@ -49,11 +50,11 @@ class Losses(Reporter):
 def test_the_one_rank_settings_change_no_bit_of_a_run(tmp_path, zero, precision):
     """They only skip gradient staging that one rank has no use for: losses and weights match DeepSpeed's defaults."""
     data = synthetic(tmp_path / "data", tokens=100_000, seed=0).path
-    cfg = TrainConfig(seq_len=32, batch_size=8, micro_batch_size=4, lr=3e-3, warmup_min_steps=5, eval_samples=2,
+    recipe = TrainConfig(seq_len=32, batch_size=8, micro_batch_size=4, lr=3e-3, warmup_min_steps=5, eval_samples=2,
                       val_blocks=4, log_every=1, checkpoint_every=0, zero_stage=zero, precision=precision)
-    spec = RunSpec(family="mdm", shape="cpu-26k", budget=6 * 26_000 * 8 * 32 * 25, train=cfg)
+    spec = RunSpec(family="mdm", shape="cpu-26k", budget=6 * 26_000 * 8 * 32 * 25, train=recipe)
     ds_defaults = {"zero_optimization": {key: not value for key, value in ONE_RANK_ZERO.items()}}
-    deepspeed_spec = spec.model_copy(update={"train": cfg.with_overrides({"deepspeed": ds_defaults})})
+    deepspeed_spec = spec.model_copy(update={"train": recipe.with_overrides({"deepspeed": ds_defaults})})
     runs = []
     for name, run_spec in [("ours", spec), ("deepspeed", deepspeed_spec)]:
         losses = Losses()

@@ -10,16 +10,17 @@ import torch
 from conftest import cli, write_word_jsonl
 from safetensors.torch import load_file
 
-from pipeline.config import RunSpec, TrainConfig
-from pipeline.data import load_dataset
-from pipeline.family import FAMILIES
-from pipeline.flops import budget_for_steps
-from pipeline.model import Transformer
-from pipeline.prepare import prepare
-from pipeline.run_folder import LEGACY_WEIGHTS, WEIGHTS, RunFolder, load_trained
-from pipeline.shapes import Shape
-from pipeline.synthetic import synthetic
-from pipeline.train import TrainResult
+from pipeline.data.dataset import load_dataset
+from pipeline.data.prepare import prepare
+from pipeline.data.synthetic import synthetic
+from pipeline.model.family import FAMILIES
+from pipeline.model.flops import budget_for_steps
+from pipeline.model.shapes import Shape
+from pipeline.model.transformer import Transformer
+from pipeline.recipe import RunSpec, TrainConfig
+from pipeline.training.loop import TrainResult
+from pipeline.training.run_folder import LEGACY_WEIGHTS, WEIGHTS, RunFolder
+from pipeline.use.loading import load_trained
 
 SHAPE = Shape(2, 2, 32, 64)
 SEQ_LEN = 32
@@ -44,9 +45,9 @@ def finished_run(folder: Path, family: str, data: Path, seed: int = 0) -> Path:
     """A finished run's folder as training writes it, holding random weights (seconds instead of a training run).
     The weights are larger than the training init and the norms not all ones, so every tensor shows in the logits."""
     info = load_dataset(data).info
-    cfg = TrainConfig(seq_len=SEQ_LEN, batch_size=8)
+    recipe = TrainConfig(seq_len=SEQ_LEN, batch_size=8)
     spec = RunSpec(family=family, shape=SHAPE, budget=budget_for_steps(SHAPE, 10, batch_size=8, seq_len=SEQ_LEN),
-                   train=cfg)
+                   train=recipe)
     torch.manual_seed(seed)
     model = Transformer(FAMILIES[family].model_config(SHAPE, info.vocab_size, SEQ_LEN))
     with torch.no_grad():

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import TrainConfig
-from pipeline.family import FAMILIES, family_of, mean_and_stderr
-from pipeline.model import KVCache, Transformer
-from pipeline.noise import Masking, MonteCarlo, diffusion_times, draws, generator, mask_counts, masking
-from pipeline.shapes import Shape
+from pipeline.model.family import FAMILIES, family_of, mean_and_stderr
+from pipeline.model.noise import Masking, MonteCarlo, diffusion_times, draws, generator, mask_counts, masking
+from pipeline.model.shapes import Shape
+from pipeline.model.transformer import KVCache, Transformer
+from pipeline.recipe import TrainConfig
 
 ARM, MDM = FAMILIES["arm"], FAMILIES["mdm"]
 
@@ -203,24 +203,24 @@ def test_kv_cache_matches_full_forward():
 
 def test_training_noise_is_the_global_batch_however_it_is_split():
     """ARM draws none; an MDM's times are one stratified set over the global batch, sliced per micro batch."""
-    cfg = TrainConfig(seq_len=16, batch_size=8)
-    assert ARM.training_noise(cfg, step=3, shard=0, micro=8) is None
-    whole = MDM.training_noise(cfg, step=3, shard=0, micro=8)
-    halves = [MDM.training_noise(cfg, step=3, shard=s, micro=4) for s in (0, 1)]
+    recipe = TrainConfig(seq_len=16, batch_size=8)
+    assert ARM.training_noise(recipe, step=3, shard=0, micro=8) is None
+    whole = MDM.training_noise(recipe, step=3, shard=0, micro=8)
+    halves = [MDM.training_noise(recipe, step=3, shard=s, micro=4) for s in (0, 1)]
     assert torch.equal(torch.cat([h.p for h in halves]), whole.p)
-    assert torch.allclose(whole.p.sort().values.diff(), torch.full((7,), (1 - cfg.mdm_eps) / 8), atol=1e-6)
+    assert torch.allclose(whole.p.sort().values.diff(), torch.full((7,), (1 - recipe.mdm_eps) / 8), atol=1e-6)
     assert whole.masked.shape == (8, 16)
-    assert not torch.equal(MDM.training_noise(cfg, step=4, shard=0, micro=8).p, whole.p)
+    assert not torch.equal(MDM.training_noise(recipe, step=4, shard=0, micro=8).p, whole.p)
 
 
 def test_count_masking_trains_on_exactly_l_tokens_spread_over_the_global_batch():
     """mdm_masking=count: row i masks exactly l_i tokens (weight L/l_i), the counts stratified over the global batch."""
-    cfg = TrainConfig(seq_len=16, batch_size=8, mdm_masking="count")
-    whole = MDM.training_noise(cfg, step=3, shard=0, micro=8)
+    recipe = TrainConfig(seq_len=16, batch_size=8, mdm_masking="count")
+    whole = MDM.training_noise(recipe, step=3, shard=0, micro=8)
     counts = whole.masked.sum(dim=1)
     assert torch.equal(whole.p, counts.float() / 16)
     assert sorted(counts.tolist()) == [c + counts.min().item() for c in range(0, 16, 2)]  # one count per stratum
-    halves = [MDM.training_noise(cfg, step=3, shard=s, micro=4) for s in (0, 1)]
+    halves = [MDM.training_noise(recipe, step=3, shard=s, micro=4) for s in (0, 1)]
     assert torch.equal(torch.cat([h.masked.sum(dim=1) for h in halves]), counts)
 
 

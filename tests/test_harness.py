@@ -3,9 +3,6 @@ import json
 import os
 from pathlib import Path
 
-os.environ["HF_DATASETS_OFFLINE"] = "1"  # before datasets is imported: every task here reads local files
-os.environ["HF_HUB_OFFLINE"] = "1"
-
 import pytest
 import torch
 from conftest import cli
@@ -13,16 +10,21 @@ from conftest import cli
 from analysis.cli import main as analyze
 from analysis.runs import from_mlflow, write_table
 from analysis.synthetic import synthetic_runs
-from pipeline.config import RunSpec, TrainConfig
-from pipeline.flops import budget_for_steps
-from pipeline.harness import SHIPPED_TASKS, EvalSettings, evaluate, metrics_of
+from pipeline.data.synthetic import synthetic
 from pipeline.mlflow_keys import HASH_TAG
-from pipeline.noise import MonteCarlo
-from pipeline.run_folder import RunFolder
-from pipeline.scoring import continuation_nll, evaluate_choices, read_tasks
-from pipeline.shapes import resolve_shape
-from pipeline.synthetic import synthetic
-from pipeline.train import train
+from pipeline.model.flops import budget_for_steps
+from pipeline.model.noise import MonteCarlo
+from pipeline.model.shapes import resolve_shape
+from pipeline.recipe import RunSpec, TrainConfig
+from pipeline.training.loop import train
+from pipeline.training.run_folder import RunFolder
+from pipeline.use.lm_eval import SHIPPED_TASKS, EvalSettings, evaluate, metrics_of
+from pipeline.use.scoring import continuation_nll, evaluate_choices, read_tasks
+
+os.environ["HF_DATASETS_OFFLINE"] = "1"  # before datasets is imported: every task here reads local files
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
 
 LIMIT = 6  # documents per task: enough to compare, few enough for seconds
 
@@ -36,12 +38,12 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     data = synthetic(root / "data", tokens=50_000, seed=0).path
     shape = resolve_shape("{n_layer: 1, n_head: 2, d_model: 32}")
-    cfg = TrainConfig(seq_len=32, batch_size=8, lr=3e-3, zero_stage=0, warmup_min_steps=2, eval_samples=2,
+    recipe = TrainConfig(seq_len=32, batch_size=8, lr=3e-3, zero_stage=0, warmup_min_steps=2, eval_samples=2,
                       val_blocks=4, checkpoint_every=0, log_every=50)
     folders = {}
     for family in ("mdm", "arm"):
-        budget = budget_for_steps(shape, 40, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
-        train(RunSpec(family=family, shape=shape, budget=budget, train=cfg), data, root / family, verbose=False)
+        budget = budget_for_steps(shape, 40, batch_size=recipe.batch_size, seq_len=recipe.seq_len)
+        train(RunSpec(family=family, shape=shape, budget=budget, train=recipe), data, root / family, verbose=False)
         folders[family] = root / family
     return folders
 
@@ -68,7 +70,7 @@ def test_multiple_choice_scores_as_isoflop_score_does(trained, family):
     for the MDM), so lm-eval's accuracy equals `isoflop score`'s on the same documents."""
     loaded = RunFolder(trained[family]).load()
     tokenizer = loaded.tokenizer()
-    mc = MonteCarlo(samples=4, seed=3, cfg=0.5 if family == "mdm" else 0.0)
+    mc = MonteCarlo(samples=4, seed=3, guidance=0.5 if family == "mdm" else 0.0)
     results = evaluate(loaded.model, loaded.family, tokenizer, settings("synthetic_choice", mc=mc))
     documents = read_tasks(SHIPPED_TASKS / "synthetic.jsonl")[:LIMIT]
     samples = results["samples"]["synthetic_choice"]

@@ -1,6 +1,7 @@
 """Layering: the analysis package shares only two leaf modules with the pipeline, and the pipeline never
-imports the analysis (but for the `isoflop` command itself, which dispatches to both). Keeps `isoflop analyze` free of torch and training code, and the two packages
-separable. The files are parsed, not imported, so imports inside functions count too."""
+imports the analysis (but for the `isoflop` command itself, which dispatches to both). Keeps `isoflop analyze`
+free of torch and training code, and the two packages separable. No two modules import each other, however
+indirectly. The files are parsed, not imported, so imports inside functions count too."""
 import ast
 import subprocess
 import sys
@@ -13,6 +14,7 @@ SHARED = {"pipeline.errors", "pipeline.mlflow_keys"}  # what analysis may import
 ANALYSIS = sorted((ROOT / "analysis").glob("*.py"))
 PIPELINE = sorted((ROOT / "pipeline").rglob("*.py"))
 ENTRY_POINT = ROOT / "pipeline" / "cli.py"  # `isoflop analyze` and `isoflop runs` hand over to the analysis
+MODEL_PACKAGE = ROOT / "pipeline" / "model"
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
@@ -30,6 +32,60 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
 
 def top_level(name: str) -> str:
     return name.partition(".")[0]
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(paths: list[Path], root: Path = ROOT) -> dict[str, set[str]]:
+    """Module -> the project modules it imports anywhere in its file (type-only imports under TYPE_CHECKING
+    left out: they never run). `from package import module` counts as importing the module."""
+    modules = {module_name(p, root): p for p in paths}
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
+                     for stmt in node.body for n in ast.walk(stmt)}
+        graph[name] = set()
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
+            if isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                candidates = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            graph[name] |= {c for c in candidates if c in modules and c != name and not name.startswith(c + ".")}
+    return graph
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle as [a, b, ..., a], or None (depth-first search, colouring modules on the stack)."""
+    on_stack, done = [], set()
+
+    def visit(module: str) -> list[str] | None:
+        if module in on_stack:
+            return on_stack[on_stack.index(module):] + [module]
+        if module in done:
+            return None
+        on_stack.append(module)
+        for target in sorted(graph.get(module, ())):
+            cycle = visit(target)
+            if cycle:
+                return cycle
+        on_stack.pop()
+        done.add(module)
+        return None
+
+    return next((c for c in map(visit, sorted(graph)) if c), None)
 
 
 def test_the_files_are_found():
@@ -68,3 +124,33 @@ def test_importing_the_analysis_loads_no_training_code():
             "('pipeline', 'torch', 'deepspeed', 'ray'))))")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert set(loaded.stdout.split()) <= SHARED | {"pipeline"}, loaded.stdout
+
+
+def test_no_import_circle_among_pipeline_and_analysis_modules():
+    cycle = find_cycle(import_graph(PIPELINE + ANALYSIS))
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_the_circle_check_finds_a_circle_through_a_function_level_import(tmp_path):
+    """The check sees what the old run_folder <-> export pair did: one side imported the other inside a function."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "run_folder.py").write_text("def load():\n    from pkg.export import load_export\n")
+    (package / "export.py").write_text("from pkg.run_folder import TrainedModel\n")
+    (package / "leaf.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import other\n")
+    (package / "other.py").write_text("import pkg.leaf\n")
+    graph = import_graph(sorted(package.glob("*.py")), root=tmp_path)
+    assert find_cycle(graph) in (["pkg.export", "pkg.run_folder", "pkg.export"],
+                                 ["pkg.run_folder", "pkg.export", "pkg.run_folder"])
+    assert "pkg.other" not in graph["pkg.leaf"]  # a type-only import is no edge
+
+
+def test_the_model_package_loads_no_config_or_orchestration_libraries():
+    """The Transformer, the families, FLOPs and samplers import without pydantic, YAML, Ray or MLflow."""
+    modules = [module_name(p) for p in sorted(MODEL_PACKAGE.glob("*.py"))]
+    code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.partition('.')[0] in "
+            "('pydantic', 'yaml', 'ray', 'mlflow', 'deepspeed'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == [], loaded.stdout

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from pipeline.family import FAMILIES
-from pipeline.model import Transformer, init_std
-from pipeline.shapes import PAPER_SHAPES, Shape
+from pipeline.model.family import FAMILIES
+from pipeline.model.shapes import PAPER_SHAPES, Shape
+from pipeline.model.transformer import Transformer, init_std
 
 LARGEST = PAPER_SHAPES["smdm-2121M"]
 RESIDUAL_WRITERS = ("attn.proj.weight", "mlp.down.weight")

@@ -8,11 +8,11 @@ import pytest
 import torch
 from test_family import tiny_model
 
-from pipeline.config import TrainConfig
-from pipeline.family import FAMILIES, mc_stderr
-from pipeline.noise import MonteCarlo
+from pipeline.model.family import FAMILIES, mc_stderr
+from pipeline.model.noise import MonteCarlo
+from pipeline.recipe import TrainConfig
 from pipeline.tracking import RunLogger
-from pipeline.train import _evaluate
+from pipeline.training.loop import _evaluate
 
 ARM, MDM = FAMILIES["arm"], FAMILIES["mdm"]
 VOCAB, L, SEQUENCES, K, SEEDS = 11, 16, 12, 4, 30
@@ -54,9 +54,9 @@ def test_mc_variances_match_each_sequences_spread_over_seeds(estimator, stratifi
 def evaluate(family: str) -> tuple[tuple[float, float, float], torch.Tensor, torch.Tensor]:
     """Validation as training runs it on one rank, and the family's own per-sequence losses and variances."""
     model, blocks = tiny_model(family, VOCAB, L), validation_set()
-    cfg = TrainConfig(seq_len=L, eval_samples=K, eval_batch_size=8, mdm_eval="count")
-    run = SimpleNamespace(spec=SimpleNamespace(train=cfg), rank=0, world=1, family=FAMILIES[family], engine=model)
-    mc = MonteCarlo(samples=K, seed=cfg.seed, batch_size=8, estimator="count")
+    recipe = TrainConfig(seq_len=L, eval_samples=K, eval_batch_size=8, mdm_eval="count")
+    run = SimpleNamespace(spec=SimpleNamespace(train=recipe), rank=0, world=1, family=FAMILIES[family], engine=model)
+    mc = MonteCarlo(samples=K, seed=recipe.seed, batch_size=8, estimator="count")
     return _evaluate(run, blocks), *FAMILIES[family].sequence_losses_and_mc_var(model, blocks, mc)
 
 
@@ -70,7 +70,7 @@ def test_validation_returns_the_mdm_mc_stderr_and_zero_for_the_arm():
 
 
 def test_finish_logs_the_mc_stderr_beside_the_stderr(tmp_path):
-    from pipeline.config import RunSpec
+    from pipeline.recipe import RunSpec
     from pipeline.tracking import prepare_store
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.grid import expand_grid, load_sweep
+from pipeline.sweep.grid import expand_grid, load_sweep
 
 PAPER_SWEEP = Path(__file__).resolve().parents[1] / "sweeps" / "smdm_paper.yaml"
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from test_sweep import TRAIN, assert_one_finished_run_per_point, write_sweep
 
-from pipeline.distributed import free_port
+from pipeline.data.synthetic import synthetic
 from pipeline.errors import TrackingError
-from pipeline.run_folder import load_from_mlflow
-from pipeline.synthetic import synthetic
 from pipeline.tracking import check_server
+from pipeline.training.distributed import free_port
+from pipeline.use.loading import load_from_mlflow
 
 PG_USER, PG_PASSWORD, PG_DB = "mlflow", "isoflop-test", "mlflow"
 FINAL_METRICS = ("val_loss", "val_stderr", "val_mc_stderr", "tokens_per_s", "seconds")

@@ -13,11 +13,11 @@ import pytest
 import torch
 import zstandard
 
-import pipeline.prepare as preparing
-from pipeline import corpus
-from pipeline.data import load_dataset, write_dataset
+import pipeline.data.prepare as preparing
+from pipeline.data import corpus
+from pipeline.data.dataset import load_dataset, write_dataset
+from pipeline.data.prepare import prepare
 from pipeline.errors import DataError
-from pipeline.prepare import prepare
 
 WORDS = "the cat dog sat on a mat ran far away quickly and then slept under old green tree café 猫 naïve".split()
 

@@ -6,7 +6,7 @@ The pinned runs predate `init` (their weights started from N(0, 0.02)), so their
 """
 import pytest
 
-from pipeline.config import RunSpec, TrainConfig
+from pipeline.recipe import RunSpec, TrainConfig
 
 DEMO_RECIPE = TrainConfig(seq_len=128, batch_size=8, lr=2e-3, min_lr_ratio=0.01, warmup_min_steps=10, min_steps=40,
                           zero_stage=0, eval_samples=16, init="normal_0.02")

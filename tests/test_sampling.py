@@ -11,26 +11,19 @@ import torch
 from conftest import cli
 from scipy import stats
 
-from pipeline.config import RunSpec, TrainConfig
-from pipeline.data import load_tokenizer
+from pipeline.data.dataset import load_tokenizer
+from pipeline.data.synthetic import SyntheticLanguage, synthetic
 from pipeline.errors import SamplingError
-from pipeline.family import FAMILIES
-from pipeline.flops import budget_for_steps
-from pipeline.model import Transformer
-from pipeline.noise import MonteCarlo, masking
-from pipeline.sampling import (
-    ArmSampling,
-    MdmSampling,
-    arm_sample,
-    guided_logits,
-    gumbel,
-    gumbel_argmax,
-    mdm_sample,
-)
-from pipeline.scoring import ChoiceTask, continuation_nll, evaluate_choices
-from pipeline.shapes import Shape, resolve_shape
-from pipeline.synthetic import SyntheticLanguage, synthetic
-from pipeline.train import train
+from pipeline.model.family import FAMILIES
+from pipeline.model.flops import budget_for_steps
+from pipeline.model.noise import MonteCarlo, masking
+from pipeline.model.sampling import (ArmSampling, MdmSampling, arm_sample, guided_logits, gumbel, gumbel_argmax,
+                                     mdm_sample)
+from pipeline.model.shapes import Shape, resolve_shape
+from pipeline.model.transformer import Transformer
+from pipeline.recipe import RunSpec, TrainConfig
+from pipeline.training.loop import train
+from pipeline.use.scoring import ChoiceTask, continuation_nll, evaluate_choices
 
 TINY_SHAPE = resolve_shape("{n_layer: 1, n_head: 2, d_model: 32}")
 
@@ -109,10 +102,10 @@ def test_samplers_are_deterministic_given_a_seed():
     model = random_model("mdm")
     prompt = torch.randint(0, 48, (3, 5), generator=torch.Generator().manual_seed(0))
     for sampler in ("reverse", "confidence"):
-        cfg = MdmSampling(16, steps=8, sampler=sampler, seed=7)
-        assert torch.equal(mdm_sample(model, prompt, cfg).tokens, mdm_sample(model, prompt, cfg).tokens)
+        settings = MdmSampling(16, steps=8, sampler=sampler, seed=7)
+        assert torch.equal(mdm_sample(model, prompt, settings).tokens, mdm_sample(model, prompt, settings).tokens)
         other = mdm_sample(model, prompt, MdmSampling(16, steps=8, sampler=sampler, seed=8)).tokens
-        assert not torch.equal(other, mdm_sample(model, prompt, cfg).tokens)
+        assert not torch.equal(other, mdm_sample(model, prompt, settings).tokens)
 
 
 def test_float32_gumbel_noise_under_draws_the_tail_of_a_peaked_distribution():
@@ -174,8 +167,8 @@ def test_unsupervised_cfg():
     # and in the sampler: W = 0 is the unguided sample, W != 0 changes it
     prompt = x[:, :6]
     plain = mdm_sample(model, prompt, MdmSampling(8, seed=4)).tokens
-    assert torch.equal(mdm_sample(model, prompt, MdmSampling(8, seed=4, cfg=0.0)).tokens, plain)
-    assert not torch.equal(mdm_sample(model, prompt, MdmSampling(8, seed=4, cfg=3.0)).tokens, plain)
+    assert torch.equal(mdm_sample(model, prompt, MdmSampling(8, seed=4, guidance=0.0)).tokens, plain)
+    assert not torch.equal(mdm_sample(model, prompt, MdmSampling(8, seed=4, guidance=3.0)).tokens, plain)
 
 
 @pytest.mark.parametrize("call, message", [
@@ -190,7 +183,7 @@ def test_unsupervised_cfg():
     (lambda m, a: mdm_sample(a, torch.zeros(1, 4, dtype=torch.long), MdmSampling(8)), "is an ARM"),
     (lambda m, a: arm_sample(m, torch.zeros(1, 4, dtype=torch.long), ArmSampling(8)), "is an MDM"),
     (lambda m, a: arm_sample(a, torch.zeros(1, 0, dtype=torch.long), ArmSampling(8)), "at least one token"),
-    (lambda m, a: continuation_nll(a, [1], [2], MonteCarlo(cfg=1.0)), "cfg needs an MDM"),
+    (lambda m, a: continuation_nll(a, [1], [2], MonteCarlo(guidance=1.0)), "cfg needs an MDM"),
     (lambda m, a: continuation_nll(m, [1] * 40, [2] * 9), "use continuation length <= 8"),
     (lambda m, a: continuation_nll(m, [1], []), "continuation is empty"),
 ])
@@ -225,7 +218,7 @@ def test_a_memorised_continuation_scores_better_than_a_random_one(family):
     model = overfit(family, sequence)
     context, memorised = sequence[:4].tolist(), sequence[4:].tolist()
     other = torch.randint(0, 32, (12,), generator=gen).tolist()
-    for scoring in [MonteCarlo(samples=32)] + ([MonteCarlo(samples=32, cfg=1.0)] if family == "mdm" else []):
+    for scoring in [MonteCarlo(samples=32)] + ([MonteCarlo(samples=32, guidance=1.0)] if family == "mdm" else []):
         good, bad = continuation_nll(model, context, memorised, scoring), continuation_nll(model, context, other, scoring)
         assert good < 0.25 * bad, (scoring, good, bad)
         assert continuation_nll(model, context, memorised, scoring) == good  # seeded: the same number every time
@@ -235,16 +228,16 @@ def test_a_memorised_continuation_scores_better_than_a_random_one(family):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """An MDM and an ARM trained by pipeline.train on the synthetic corpus: {family: checkpoint folder}."""
+    """An MDM and an ARM trained by pipeline.training.loop on the synthetic corpus: {family: checkpoint folder}."""
     root = tmp_path_factory.mktemp("trained")
     data = synthetic(root / "data", tokens=200_000, seed=0).path
-    cfg = TrainConfig(seq_len=32, batch_size=8, lr=3e-3, zero_stage=0, warmup_min_steps=2, eval_samples=2,
+    recipe = TrainConfig(seq_len=32, batch_size=8, lr=3e-3, zero_stage=0, warmup_min_steps=2, eval_samples=2,
                       val_blocks=4, checkpoint_every=0, log_every=50)
     steps = 120
     folders = {}
     for family in ("mdm", "arm"):
-        budget = budget_for_steps(TINY_SHAPE, steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
-        train(RunSpec(family=family, shape=TINY_SHAPE, budget=budget, train=cfg), data, root / family, verbose=False)
+        budget = budget_for_steps(TINY_SHAPE, steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len)
+        train(RunSpec(family=family, shape=TINY_SHAPE, budget=budget, train=recipe), data, root / family, verbose=False)
         folders[family] = root / family
     return folders
 
@@ -255,7 +248,7 @@ def synthetic_tasks(n: int, seed: int = 0) -> list[ChoiceTask]:
 
 
 def test_multiple_choice_on_a_task_the_trained_models_learned(trained):
-    from pipeline.run_folder import RunFolder
+    from pipeline.training.run_folder import RunFolder
 
     tasks = synthetic_tasks(24)
     for family, folder in trained.items():
@@ -342,8 +335,8 @@ def test_cli_loads_a_run_from_mlflow(trained, tmp_path, capsys):
 
 
 def test_tokenizers_of_prepared_folders_round_trip(tmp_path):
+    from pipeline.data.prepare import prepare
     from pipeline.errors import DataError
-    from pipeline.prepare import prepare
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": f"Café number {i} ☃"}) + "\n" for i in range(40)))

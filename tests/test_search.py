@@ -5,10 +5,11 @@ from mlflow.tracking import MlflowClient
 from test_sweep import TRAIN, assert_one_finished_run_per_point, isoflop, write_sweep
 
 from pipeline import tracking
-from pipeline.config import RunSpec, TrainConfig, variant_label
 from pipeline.errors import SweepError
-from pipeline.grid import expand_grid, format_grid, load_sweep
 from pipeline.mlflow_keys import VARIANT_TAG
+from pipeline.recipe import RunSpec, TrainConfig
+from pipeline.sweep.grid import expand_grid, format_grid, load_sweep
+from pipeline.sweep.schema import variant_label
 
 LOGUNIFORM = {"loguniform": [1e-3, 1e-2], "samples": 4}
 

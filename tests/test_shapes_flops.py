@@ -5,10 +5,10 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import BudgetError, ConfigError
-from pipeline.family import FAMILIES
-from pipeline.flops import budget_for_steps, flops_per_token, matmul_params, plan_budget
-from pipeline.model import Transformer
-from pipeline.shapes import CPU_SHAPES, PAPER_SHAPES, REGISTRY, Shape, resolve_shape
+from pipeline.model.family import FAMILIES
+from pipeline.model.flops import budget_for_steps, flops_per_token, matmul_params, plan_budget
+from pipeline.model.shapes import CPU_SHAPES, PAPER_SHAPES, REGISTRY, Shape, resolve_shape
+from pipeline.model.transformer import Transformer
 
 
 def test_paper_shapes_match_reference_counts(reference_dir):
@@ -90,11 +90,11 @@ def test_budget_for_steps_inverts_the_plan(convention):
 
 
 def test_a_run_must_outlast_its_warmup():
-    from pipeline.config import RunSpec, TrainConfig
+    from pipeline.recipe import RunSpec, TrainConfig
 
-    cfg = TrainConfig(seq_len=64, batch_size=8, warmup_min_steps=30, min_steps=5)
+    recipe = TrainConfig(seq_len=64, batch_size=8, warmup_min_steps=30, min_steps=5)
     shape = REGISTRY["cpu-26k"]
-    spec = RunSpec(family="arm", shape=shape, budget=budget_for_steps(shape, 30, batch_size=8, seq_len=64), train=cfg)
+    spec = RunSpec(family="arm", shape=shape, budget=budget_for_steps(shape, 30, batch_size=8, seq_len=64), train=recipe)
     with pytest.raises(BudgetError, match=r"30 steps .* do not outlast the warmup of 30 \(train.warmup_min_steps=30"):
         spec.plan(512)
     assert spec.model_copy(update={"budget": spec.budget * 2}).plan(512).steps == 60

@@ -14,10 +14,10 @@ import yaml
 from conftest import write_word_jsonl
 from mlflow.tracking import MlflowClient
 
-from pipeline.distributed import free_port
+from pipeline.data.synthetic import synthetic
 from pipeline.errors import SweepError, TrackingError
-from pipeline.grid import expand_grid, load_sweep
-from pipeline.synthetic import synthetic
+from pipeline.sweep.grid import expand_grid, load_sweep
+from pipeline.training.distributed import free_port
 
 TRAIN = {"seq_len": 32, "batch_size": 8, "lr": 3e-3, "warmup_min_steps": 2, "min_steps": 10, "zero_stage": 0,
          "checkpoint_every": 10, "log_every": 5, "eval_samples": 2, "val_blocks": 4}
@@ -382,7 +382,7 @@ def test_two_sweeps_share_one_store_and_a_prepared_corpus_works(tmp_path):
 
 
 def test_dry_run_names_the_losses_each_family_reached():
-    from pipeline.sweep import format_loss_ranges
+    from pipeline.sweep.plan import format_loss_ranges
     both = format_loss_ranges({"mdm": [3.5, 3.1], "arm": [2.9, 3.3, 3.6]})
     assert "arm 2.9-3.6 (3 runs), mdm 3.1-3.5 (2 runs); overlap 3.1-3.5" in both
     assert format_loss_ranges({"mdm": [3.5], "arm": [2.9]}).endswith("no overlap")

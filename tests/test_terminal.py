@@ -12,18 +12,9 @@ import pytest
 from rich.console import Console
 from test_sweep import TRAIN, isoflop, write_sweep
 
-from pipeline.config import RunSpec
-from pipeline.point_logs import point_log
-from pipeline.terminal import (
-    DONE,
-    FAILED,
-    PENDING,
-    RUNNING,
-    SKIPPED,
-    SweepBoard,
-    SweepProgress,
-    format_duration,
-)
+from pipeline.recipe import RunSpec
+from pipeline.sweep.point_logs import point_log
+from pipeline.sweep.progress import DONE, FAILED, PENDING, RUNNING, SKIPPED, SweepBoard, SweepProgress, format_duration
 
 STEP_LINE = re.compile(r"step \d+/\d+")
 
@@ -33,7 +24,7 @@ def spec(family: str = "arm", shape: str = "cpu-26k", budget: float = 1e10) -> R
 
 
 def window(step: int, steps: int = 100, loss: float = 3.21, tokens_per_step: int = 256, rate: float = 12_000.0) -> dict:
-    """What a trial reports to Tune after a log window (pipeline.sweep.SweepReporter)."""
+    """What a trial reports to Tune after a log window (pipeline.sweep.trial.SweepReporter)."""
     return {"step": step, "steps": steps, "loss": loss, "tokens": step * tokens_per_step, "tokens_per_s": rate}
 
 
@@ -158,7 +149,7 @@ def test_output_to_a_file_catches_prints_and_tracebacks(tmp_path):
     log = tmp_path / "logs" / "point.log"
     script = f"""
 import os
-from pipeline.point_logs import output_to
+from pipeline.sweep.point_logs import output_to
 try:
     with output_to({str(log)!r}):
         print("step 1/2 | a step line")
@@ -202,11 +193,11 @@ def test_sweep_output_is_calm_and_each_point_logs_to_its_file(tmp_path):
 
 def test_windows_reach_tune_at_most_every_few_seconds(monkeypatch):
     """A one-rank run reports its first window at once, then none until REPORT_EVERY_SECONDS have passed."""
-    from pipeline import sweep
+    from pipeline.sweep import trial
 
     sent = []
-    reporter = sweep.SweepReporter(None, sent.append, world=1)
-    monkeypatch.setattr(sweep, "REPORT_EVERY_SECONDS", 0.2)
+    reporter = trial.SweepReporter(None, sent.append, world=1)
+    monkeypatch.setattr(trial, "REPORT_EVERY_SECONDS", 0.2)
     for step in (5, 10, 15):
         reporter.progress({"step": step, "loss": 3.0, "tokens": step * 256, "tokens_per_s": 1e4, "lr": 1e-3}, 100)
     time.sleep(0.25)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import write_word_jsonl
 
-from pipeline.config import RunSpec, TrainConfig
-from pipeline.synthetic import synthetic
-from pipeline.train import Reporter, lr_at, train
+from pipeline.data.synthetic import synthetic
+from pipeline.recipe import RunSpec, TrainConfig
+from pipeline.training.loop import Reporter, lr_at, train
 
 TINY = TrainConfig(seq_len=32, batch_size=8, lr=3e-3, warmup_min_steps=5, eval_samples=4, val_blocks=8,
                    eval_batch_size=32, log_every=5, checkpoint_every=0, zero_stage=0)
@@ -22,12 +22,12 @@ def corpus(tmp_path_factory):
 
 
 def spec_for(family: str, steps: int, **train) -> RunSpec:
-    cfg = TINY.with_overrides(train)
+    recipe = TINY.with_overrides(train)
     shape = "cpu-26k"
-    from pipeline.shapes import REGISTRY
+    from pipeline.model.shapes import REGISTRY
 
-    budget = 6 * REGISTRY[shape].non_embedding_params() * cfg.batch_size * cfg.seq_len * steps
-    return RunSpec(family=family, shape=shape, budget=budget, train=cfg)
+    budget = 6 * REGISTRY[shape].non_embedding_params() * recipe.batch_size * recipe.seq_len * steps
+    return RunSpec(family=family, shape=shape, budget=budget, train=recipe)
 
 
 class Recorder(Reporter):
@@ -39,8 +39,8 @@ class Recorder(Reporter):
 
 
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():
-    cfg = TrainConfig(lr=1.0, warmup_fraction=0.0, warmup_min_steps=10)
-    lrs = [lr_at(s, 110, cfg) for s in range(110)]
+    recipe = TrainConfig(lr=1.0, warmup_fraction=0.0, warmup_min_steps=10)
+    lrs = [lr_at(s, 110, recipe) for s in range(110)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert lrs[-1] == pytest.approx(0.1)
@@ -69,7 +69,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(corpus, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["arm", "mdm"])
 def test_tiny_models_learn_well_below_log_v(corpus, tmp_path, family):
-    from pipeline.data import load_dataset
+    from pipeline.data.dataset import load_dataset
 
     info = load_dataset(corpus).info
     spec = spec_for(family, 150, batch_size=16, seq_len=64)
@@ -137,7 +137,7 @@ def test_bad_train_input_fails_fast_with_a_named_field(corpus, tmp_path, args, m
 
 
 def test_a_diverging_run_stops_with_a_reason(corpus, tmp_path):
-    from pipeline.train import Diverged
+    from pipeline.training.loop import Diverged
 
     spec = spec_for("arm", 40, lr=1e6, grad_clip=0.0, warmup_min_steps=1)
     with pytest.raises(Diverged, match="loss became"):
@@ -148,10 +148,10 @@ def test_a_diverging_run_stops_with_a_reason(corpus, tmp_path):
 def test_one_rank_group_leaves_nothing_for_child_processes_to_trip_on():
     # a process that trained in-process (a notebook, this test session) and then starts a sweep must not
     # hand its children a rendezvous port it still holds
-    from pipeline.distributed import ensure_process_group
+    from pipeline.training.distributed import ensure_process_group
 
     assert ensure_process_group() == (0, 1)
-    child = subprocess.run([sys.executable, "-c", "from pipeline.distributed import ensure_process_group as g; "
+    child = subprocess.run([sys.executable, "-c", "from pipeline.training.distributed import ensure_process_group as g; "
                             "print(g())"], capture_output=True, text=True, timeout=120)
     assert child.returncode == 0, child.stderr[-2000:]
     assert child.stdout.strip() == "(0, 1)"
@@ -175,7 +175,7 @@ def test_bf16_training_saves_the_fp32_master_weights(corpus, tmp_path):
 @pytest.mark.slow
 def test_compiled_training_runs_on_cpu_and_saves_the_models_own_weights(corpus, tmp_path):
     """--set compile=true: torch.compile through DeepSpeed; the same run hash, and a final folder that loads."""
-    from pipeline.run_folder import load_trained
+    from pipeline.use.loading import load_trained
 
     out = tmp_path / "compiled"
     proc = run_cli("train", "--family", "mdm", "--model", "{n_layer: 1, n_head: 2, d_model: 32}", "--flops", "1.5e9",

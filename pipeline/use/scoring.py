@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
+from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import SamplingError
-from pipeline.family import family_of
-from pipeline.model import Transformer
-from pipeline.noise import MonteCarlo
-from pipeline.sampling import check_fits, check_ids
-from pipeline.tokenizer import Tokenizer
+from pipeline.model.family import family_of
+from pipeline.model.noise import MonteCarlo
+from pipeline.model.sampling import check_fits, check_ids
+from pipeline.model.transformer import Transformer
 
 
 @torch.inference_mode()

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from pipeline.errors import SweepError
-from pipeline.grid import load_sweep
 from pipeline.mlflow_keys import resolve_uri
+from pipeline.sweep.grid import load_sweep
 from pipeline.tracking import grid_point_runs
 
 DEFAULT_JOB_SERVER = "http://127.0.0.1:8265"  # Ray's dashboard on the head node, as `ray job submit` uses it
@@ -79,7 +79,7 @@ def sweep_status(name: str, *, address: str | None) -> int:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((job.start_time or 0) / 1000))
         print(f"job {job.submission_id}: {job.status} (started {started})")
     newest = jobs[0]
-    marks = ("[sweep]", f"sweep {name}:")  # the driver's progress lines and its tallies (pipeline.sweep)
+    marks = ("[sweep]", f"sweep {name}:")  # the driver's progress lines and its tallies (pipeline.sweep.driver)
     progress = [line[line.index(mark):] for line in client.get_job_logs(newest.submission_id).splitlines()
                 for mark in marks if mark in line]
     if progress:

@@ -1,7 +1,7 @@
 """The Transformer both families share: a Llama-style decoder stack.
 
 RMSNorm pre-norm, SwiGLU MLP, rotary position embeddings, no biases, untied LM head (docs/method.md §1).
-A family (`pipeline.family`) sets the two switches: `causal` attention (ARM) or not, and `mask_token`,
+A family (`pipeline.model.family`) sets the two switches: `causal` attention (ARM) or not, and `mask_token`,
 one extra input embedding row whose id is vocab_size (MDM). Nothing here knows about losses or data.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.shapes import Shape
+from pipeline.model.shapes import Shape
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,12 @@
 """Downstream evaluation with EleutherAI's lm-evaluation-harness (`isoflop eval`).
 
 `IsoflopLM` is an lm_eval model over a trained model and its tokenizer. Its likelihoods are the family's
-own (pipeline/scoring.py): exact for an ARM, the Monte Carlo bound for an MDM (K seeded draws with only the
+own (pipeline/use/scoring.py): exact for an ARM, the Monte Carlo bound for an MDM (K seeded draws with only the
 continuation masked, optionally with classifier-free guidance), so a task's accuracy rests on the same
 numbers as `isoflop score`. Generation uses the family's sampler. Every context starts with EOS, as every
 training document does, and is cut from the left where it and the continuation overflow the model context.
 
-Tasks are lm-eval's: the YAML files of `pipeline/lm_eval_tasks/` (synthetic-corpus tasks that need no hub),
+Tasks are lm-eval's: the YAML files of `pipeline/use/lm_eval_tasks/` (synthetic-corpus tasks that need no hub),
 of any `--include-path` folder, and lm-eval's own catalogue (which downloads its data sets from the hub).
 Results go to the run's MLflow run as metrics `eval/<task>/<metric>`, where the runs table picks them up.
 This module imports lm_eval, which is slow to import: the command line loads it only for `isoflop eval`.
@@ -24,12 +24,12 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import ConfigError, SamplingError, did_you_mean
 from pipeline.mlflow_keys import EVAL_PREFIX
-from pipeline.model import Transformer
-from pipeline.noise import MonteCarlo
-from pipeline.scoring import continuation_nll
-from pipeline.tokenizer import Tokenizer
+from pipeline.model.noise import MonteCarlo
+from pipeline.model.transformer import Transformer
+from pipeline.use.scoring import continuation_nll
 
 SHIPPED_TASKS = Path(__file__).with_name("lm_eval_tasks")
 BOOTSTRAP_ITERS = 1000  # lm-eval bootstraps the error of a few metrics (perplexity, f1, ...); its default is 100k
@@ -40,8 +40,8 @@ DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's, for a generation task that sets none
 class EvalSettings:
     tasks: tuple[str, ...]
     include_paths: tuple[str, ...] = ()
-    mc: MonteCarlo = field(default_factory=MonteCarlo)  # an MDM's likelihood bound: samples K, cfg, seed
-    sampling: dict = field(default_factory=dict)  # the family's sampler options for generation (steps, sampler, cfg)
+    mc: MonteCarlo = field(default_factory=MonteCarlo)  # an MDM's likelihood bound: samples K, guidance, seed
+    sampling: dict = field(default_factory=dict)  # the family's sampler options for generation (steps, sampler, guidance)
     limit: int | None = None              # documents per task (None: all)
     num_fewshot: int | None = None        # None: the task's own setting
 

@@ -3,7 +3,7 @@
 Three kinds: "byte" (UTF-8 bytes, ids 0..255, EOS 256), "hf" (a Hugging Face tokenizer: a BPE trained
 by `isoflop data prepare`, or a tokenizer.json the user gave; the data folder keeps its own copy), and
 "ids" for the synthetic corpus, which has no text, so its prompts are space-separated integer ids.
-The tokenizer of a finished data folder is opened by `pipeline.data.load_tokenizer`.
+The tokenizer of a finished data folder is opened by `pipeline.data.dataset.load_tokenizer`.
 
 This module imports nothing of the project but pipeline.errors, so the data modules can build on it.
 """
@@ -145,7 +145,8 @@ def _byte_symbols() -> list[str]:
 def _train_bpe(spec: str, documents: Iterable[str]):
     """A byte-level BPE of VOCAB ids (EOS included), so every string encodes without an unknown token."""
     vocab = _bpe_vocab(spec)
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -6,7 +6,7 @@ tasks load their file through `custom_dataset` instead, so they work from anywhe
 Each row is {"context", "choices", "answer"} (the format `isoflop score` reads too): the context is a
 document's topic token and first 3 tokens, the answer its next 3 tokens, and the 3 other choices the same
 span of documents on other topics, so a model must have learnt the topic's chain, not only which tokens are
-common. `python -m pipeline.lm_eval_tasks.local_data` writes the file again (same seed: the same file).
+common. `python -m pipeline.use.lm_eval_tasks.local_data` writes the file again (same seed: the same file).
 """
 import json
 from pathlib import Path
@@ -23,7 +23,7 @@ def synthetic(**_metadata):
 def write_synthetic(path: Path = DATA, n: int = 50, seed: int = 3) -> None:
     import numpy as np
 
-    from pipeline.synthetic import SyntheticLanguage
+    from pipeline.data.synthetic import SyntheticLanguage
 
     language = SyntheticLanguage()
     rng = np.random.default_rng([0, seed])  # the corpus's train, val and tasks.jsonl use streams 0, 1, 2

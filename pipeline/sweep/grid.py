@@ -9,11 +9,13 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from pipeline.config import RunSpec, SweepConfig, format_validation_error, variant_label
 from pipeline.errors import BudgetError, DataError, SweepError
-from pipeline.family import FAMILIES
-from pipeline.flops import BudgetPlan
-from pipeline.shapes import CPU_SHAPES, PAPER_SHAPES, Shape, resolve_shape
+from pipeline.model.family import FAMILIES
+from pipeline.model.flops import BudgetPlan
+from pipeline.model.shapes import CPU_SHAPES, PAPER_SHAPES, Shape, resolve_shape
+from pipeline.recipe import RunSpec, format_validation_error
+from pipeline.sweep.schema import SweepConfig, variant_label
+
 
 @dataclass(frozen=True)
 class GridPoint:
@@ -92,9 +94,9 @@ def expand_grid(sweep: SweepConfig, vocab_size: int, data_fingerprint: str = "",
 def validation_share(point: GridPoint) -> float:
     """The final validation's FLOPs as a fraction of the run's training FLOPs: forward passes (a third of a
     training step's FLOPs per token) over val_blocks sequences, once per Monte Carlo draw for an MDM."""
-    cfg, plan = point.spec.train, point.plan
-    passes = FAMILIES[point.spec.family].validation_passes(cfg)
-    return cfg.val_blocks * cfg.seq_len * passes * plan.flops_per_token / 3 / plan.flops
+    recipe, plan = point.spec.train, point.plan
+    passes = FAMILIES[point.spec.family].validation_passes(recipe)
+    return recipe.val_blocks * recipe.seq_len * passes * plan.flops_per_token / 3 / plan.flops
 
 
 def format_grid(points: list[GridPoint]) -> str:

@@ -1,229 +1,22 @@
-"""Typed configs: the training recipe and a run's full specification (whose hash is its identity).
-
-Defaults are the SMDM recipe; tiny CPU runs override what they must (batch, context, lr, warmup).
-Overrides come as dot-free `key=value` strings (`--set lr=1e-3`) parsed as YAML scalars.
+"""The sweep file's schema: the IsoFLOP grid, the recipe and its searched keys, the resources, the data and
+where results go. Loaded and expanded into run specs by `pipeline.sweep.grid`; pydantic reports every
+problem at once, each naming its field.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import zlib
 from collections.abc import Iterable
-from dataclasses import replace
-from typing import Any, Literal
+from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline import deepspeed_settings
-from pipeline.errors import BudgetError, ConfigError, DataError, SweepError, did_you_mean
-from pipeline.flops import BudgetPlan, FlopsConvention, plan_budget
+from pipeline.errors import SweepError, did_you_mean
 from pipeline.mlflow_keys import DEFAULT_TRACKING_URI
-from pipeline.shapes import Shape, resolve_shape
-
-Family = Literal["arm", "mdm"]
-
-
-class TrainConfig(BaseModel):
-    """The training recipe shared by every grid point of a sweep."""
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    seq_len: int = Field(2048, gt=1)
-    batch_size: int = Field(256, gt=0, description="global batch in sequences")
-    micro_batch_size: int | None = Field(None, gt=0, description="per-rank micro batch; default batch_size / world size")
-    # The SMDM code uses 2e-4; its paper's appendix says 4e-4.
-    lr: float = Field(2e-4, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    weight_decay: float = Field(0.1, ge=0)
-    grad_clip: float = Field(1.0, ge=0)
-    warmup_fraction: float = Field(0.01, ge=0, lt=1)
-    warmup_min_steps: int = Field(100, ge=0, description="SMDM uses 100; tiny CPU runs scale it down")
-    min_steps: int = Field(20, ge=1, description="budgets giving fewer steps are refused")
-    seed: int = 3407
-    init: Literal["smdm", "normal_0.02"] = Field(
-        "smdm", description="initial weights: SMDM's size-aware rule, or N(0, 0.02) everywhere (runs before this key)")
-    zero_stage: int = Field(2, ge=0, le=3)
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="bf16 compute over fp32 master weights, or fp32; auto: bf16 on a GPU with zero_stage >= 1")
-    flops_convention: FlopsConvention = "6ND"
-    mdm_eps: float = Field(1e-3, gt=0, lt=1)
-    t_sampling: Literal["stratified", "iid"] = "stratified"
-    mdm_masking: Literal["time", "count"] = Field(
-        "time", description="how the MDM's training loss masks a sequence: each token with probability t (SMDM), or "
-                            "exactly l tokens with weight L/l (the same bound, a lower-variance gradient)")
-    eval_samples: int = Field(128, gt=0, description="Monte Carlo draws per sequence for the MDM bound")
-    mdm_eval: Literal["time", "count"] = Field(
-        "time", description="how the MDM's validation bound is estimated: a mask probability from a time t per draw "
-                            "(SMDM), or exactly l masked tokens per draw with l stratified over 1..L (LLaDA)")
-    max_epochs: float = Field(1.0, gt=0, description="passes over the training split a run may make; a point "
-                                                     "needing more is refused before it trains")
-    val_blocks: int = Field(64, gt=0, description="held-out sequences in the validation set")
-    eval_batch_size: int = Field(16, gt=0)
-    deepspeed: dict[str, Any] = Field(default_factory=dict, description="DeepSpeed settings passed to the engine "
-                                      "(pipeline/deepspeed_settings.py); only those that can change numbers are identity")
-    compile: bool = Field(False, description="torch.compile the model (through DeepSpeed's engine.compile): "
-                                              "faster steps after a compile of tens of seconds; the same run")
-    checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints; 0 = only at the end")
-    keep_checkpoint: bool = Field(False, description="keep the last DeepSpeed checkpoint (optimizer state included) "
-                                                     "in the run folder, to continue or anneal the run later")
-    log_every: int = Field(10, gt=0)
-
-    @field_validator("deepspeed")
-    @classmethod
-    def _known_deepspeed_settings(cls, block):
-        return deepspeed_settings.validate(block)
-
-    @model_validator(mode="after")
-    def _bf16_keeps_fp32_master_weights(self):
-        if self.precision == "bf16" and self.zero_stage == 0:
-            raise ValueError("precision=bf16 needs zero_stage >= 1: there DeepSpeed keeps fp32 master weights that the "
-                             "final model can be taken from (got zero_stage=0)")
-        return self
-
-    def bf16_on(self, device_type: str) -> bool:
-        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda" and self.zero_stage >= 1)
-
-    def warmup_steps(self, steps: int) -> int:
-        return max(math.ceil(self.warmup_fraction * steps), self.warmup_min_steps)
-
-    def with_overrides(self, overrides: dict) -> "TrainConfig":
-        return TrainConfig(**{**self.model_dump(), **overrides})
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """`key=value` strings to a dict, values read as YAML scalars (1e-3 -> float, true -> bool)."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set: expected key=value, got {pair!r}")
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str):  # YAML reads 1e-3 as a string; numbers users write should stay numbers
-            try:
-                parsed = float(parsed)
-            except ValueError:
-                pass
-        out[key.strip()] = parsed
-    return out
-
-
-def format_validation_error(err: ValidationError, prefix: str = "", schema: type[BaseModel] | None = None) -> str:
-    """One line per problem, each naming the field and the value given (and a near miss for unknown keys)."""
-    lines = []
-    for e in _union_branch_errors(err.errors()):
-        where = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
-        if e["type"] == "extra_forbidden":
-            hint = did_you_mean(str(e["loc"][-1]), _known_keys(schema, e["loc"][:-1])) if schema else ""
-            lines.append(f"{where}: unknown key{hint}")
-            continue
-        given = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-        lines.append(f"{where}: {e['msg'].removeprefix('Value error, ')}{given}")
-    return "\n".join(lines)
-
-
-def _union_branch_errors(errors: list[dict]) -> list[dict]:
-    """Errors of a union field (`list | dict`) come once per branch, each under a loc part naming the branch
-    (`list[float]`): keep those of the branch the input was meant for, without that part."""
-    def is_tag(part) -> bool:
-        return isinstance(part, str) and "[" in part
-
-    def field_of(e) -> tuple:
-        return next((e["loc"][:i] for i, part in enumerate(e["loc"]) if is_tag(part)), e["loc"])
-
-    wrong_shape = [e for e in errors if e["type"] in ("list_type", "dict_type") and e["loc"] and is_tag(e["loc"][-1])]
-    kept = [e for e in errors if e not in wrong_shape
-            or not any(field_of(o) == field_of(e) for o in errors if o not in wrong_shape)]
-    return [{**e, "loc": tuple(p for p in e["loc"] if not is_tag(p))} for e in kept]
-
-
-def _known_keys(schema: type[BaseModel], path: tuple) -> list[str]:
-    """Field names of the (nested) model at `path`, for did-you-mean hints."""
-    for key in path:
-        field = schema.model_fields.get(str(key))
-        inner = getattr(field, "annotation", None) if field else None
-        candidates = [inner, *getattr(inner, "__args__", ())]
-        schema = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if schema is None:
-            return []
-    return list(schema.model_fields)
-
-
-NOT_IDENTITY = {"log_every", "checkpoint_every", "max_epochs", "compile", "keep_checkpoint"}
-# Recipe keys added after runs were finished: key -> the behaviour those runs had before the key existed.
-ADDED_KEYS = {"mdm_eval": "time", "init": "normal_0.02", "mdm_masking": "time"}
-
-
-class RunSpec(BaseModel):
-    """Everything that determines a training run's result; its hash names the run everywhere."""
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
-
-    family: Family
-    shape: Shape
-    budget: float = Field(gt=0)
-    train: TrainConfig = TrainConfig()
-    data_fingerprint: str = ""
-
-    @field_validator("shape", mode="before")
-    @classmethod
-    def _resolve_shape(cls, value):
-        return resolve_shape(value)
-
-    @model_validator(mode="after")
-    def _finite_budget(self):
-        if not math.isfinite(self.budget):
-            raise ValueError(f"budget must be finite, got {self.budget}")
-        return self
-
-    def identity(self) -> dict:
-        """The resolved config that defines the run. Left out: what changes no result (logging cadence, the
-        epoch guard), and recipe keys added after runs were finished while they keep the behaviour those
-        runs had, so that finished runs keep their hashes."""
-        train = {key: value for key, value in self.train.model_dump(exclude=NOT_IDENTITY).items()
-                 if key not in ADDED_KEYS or ADDED_KEYS[key] != value}
-        train["deepspeed"] = deepspeed_settings.numeric_part(train["deepspeed"])
-        if not train["deepspeed"]:  # speed settings alone leave a run what it was
-            del train["deepspeed"]
-        return {"family": self.family, "shape": self.shape.as_dict(), "budget": self.budget,
-                "train": train, "data_fingerprint": self.data_fingerprint}
-
-    def to_dict(self) -> dict:
-        """A JSON-safe form that RunSpec(**d) reads back (Ray passes specs between processes as config)."""
-        shape = {**self.shape.as_dict(), **({"name": self.shape.name} if self.shape.name else {})}
-        return {"family": self.family, "shape": shape, "budget": self.budget, "train": self.train.model_dump(),
-                "data_fingerprint": self.data_fingerprint}
-
-    def plan(self, vocab_size: int, train_blocks: int | None = None) -> BudgetPlan:
-        """Tokens, steps and (given the corpus's training blocks) epochs of this run; BudgetError when its
-        budget cannot be trained as asked, DataError when it would repeat data beyond train.max_epochs."""
-        cfg = self.train
-        plan = plan_budget(self.budget, self.shape, vocab_size=vocab_size, seq_len=cfg.seq_len,
-                           batch_size=cfg.batch_size, convention=cfg.flops_convention, min_steps=cfg.min_steps)
-        warmup = cfg.warmup_steps(plan.steps)
-        if warmup >= plan.steps:
-            raise BudgetError(f"budget: {self.budget:.3g} FLOPs gives {plan.steps} steps for model {self.shape.label}, "
-                              f"which do not outlast the warmup of {warmup} (train.warmup_min_steps="
-                              f"{cfg.warmup_min_steps}, train.warmup_fraction={cfg.warmup_fraction})")
-        if train_blocks is None:
-            return plan
-        epochs = plan.steps * cfg.batch_size / max(train_blocks, 1)
-        if epochs > cfg.max_epochs:
-            raise DataError(f"train.max_epochs: {self.family} {self.shape.label} at {self.budget:.3g} FLOPs trains on "
-                            f"{plan.steps * cfg.batch_size:,} sequences, {epochs:.4g} epochs of the corpus's "
-                            f"{train_blocks:,}, above train.max_epochs={cfg.max_epochs:g} (use a larger corpus, or "
-                            "raise max_epochs to repeat data on purpose)")
-        return replace(plan, epochs=epochs)
-
-    @property
-    def run_hash(self) -> str:
-        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-    @property
-    def run_name(self) -> str:
-        return f"{self.family}-{self.shape.label}-{self.budget:.2e}-{self.run_hash}"
+from pipeline.model.flops import FlopsConvention
+from pipeline.model.shapes import resolve_shape
+from pipeline.recipe import NOT_IDENTITY, Family, TrainConfig
+from pipeline.training import deepspeed_settings
 
 
 class Resources(BaseModel):
@@ -401,7 +194,7 @@ class SweepConfig(BaseModel):
                     "(an MDM grid can then sit where its losses reach the ARM's)")
     flops_convention: FlopsConvention = "6ND"
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="DeepSpeed settings for every run's engine "
-                                      "(pipeline/deepspeed_settings.py)")
+                                      "(pipeline/training/deepspeed_settings.py)")
     models: list[str | dict] | None = None
     sizes: SizeRule | None = None
     seeds: list[int] = [0]

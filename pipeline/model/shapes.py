@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import yaml
-
 from pipeline.errors import ConfigError, did_you_mean
 
 
@@ -104,6 +102,8 @@ def resolve_shape(spec: str | dict | Shape) -> Shape:
     if isinstance(spec, str):
         if spec in REGISTRY:
             return REGISTRY[spec]
+        import yaml  # only inline shapes given as text need it; the model package loads no YAML otherwise
+
         parsed = yaml.safe_load(spec) if spec.lstrip().startswith("{") else None
         if not isinstance(parsed, dict):
             raise ConfigError(f"unknown shape {spec!r}{did_you_mean(spec, REGISTRY, n=3)}; see `isoflop models`")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import DatasetInfo, load_dataset, staged, token_dtype, write_dataset
+from pipeline.data.dataset import DatasetInfo, load_dataset, staged, token_dtype, write_dataset
 from pipeline.errors import DataError
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.errors import BudgetError
-from pipeline.shapes import Shape
+from pipeline.model.shapes import Shape
 
 FlopsConvention = Literal["6ND", "palm"]
 CONVENTIONS: tuple[str, ...] = ("6ND", "palm")

@@ -10,17 +10,20 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import fields, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import TrainConfig
 from pipeline.errors import SamplingError
-from pipeline.model import ModelConfig, Transformer
-from pipeline.noise import (Masking, MonteCarlo, count_masking, diffusion_times, draws, generator, mask_counts,
-                            masking)
-from pipeline.sampling import ArmSampling, MdmSampling, Sample, arm_sample, guided_logits, mdm_sample
-from pipeline.shapes import Shape
+from pipeline.model.noise import (Masking, MonteCarlo, count_masking, diffusion_times, draws, generator, mask_counts,
+                                  masking)
+from pipeline.model.sampling import ArmSampling, MdmSampling, Sample, arm_sample, guided_logits, mdm_sample
+from pipeline.model.shapes import Shape
+from pipeline.model.transformer import ModelConfig, Transformer
+
+if TYPE_CHECKING:  # the recipe is pydantic; the model package stays free of it
+    from pipeline.recipe import TrainConfig
 
 
 class Family:
@@ -34,11 +37,11 @@ class Family:
     def model_config(self, shape: Shape, vocab_size: int, seq_len: int, init: str = "smdm") -> ModelConfig:
         return ModelConfig(shape, vocab_size, seq_len, self.causal, self.mask_token, init=init)
 
-    def training_noise(self, cfg: TrainConfig, step: int, shard: int, micro: int) -> Masking | None:
+    def training_noise(self, recipe: TrainConfig, step: int, shard: int, micro: int) -> Masking | None:
         """The noise of micro batch `shard` of global batch `step` (None when the loss needs none)."""
         return None
 
-    def validation_passes(self, cfg: TrainConfig) -> int:
+    def validation_passes(self, recipe: TrainConfig) -> int:
         """Forward passes over each validation sequence."""
         return 1
 
@@ -92,8 +95,8 @@ class ARM(Family):
         return losses, torch.zeros_like(losses)  # exact given the sequence: no draws, no Monte Carlo error
 
     def continuation_nll(self, model, context, target, mc):
-        if mc.cfg:
-            raise SamplingError("cfg needs an MDM: the guidance masks the prompt, and an ARM has no mask token")
+        if mc.guidance:
+            raise SamplingError("--cfg needs an MDM: the guidance masks the prompt, and an ARM has no mask token")
         if len(context) == 0:
             raise SamplingError("an ARM scores a continuation given at least one context token (e.g. EOS)")
         x = torch.cat([context, target])[None]
@@ -107,20 +110,20 @@ class ARM(Family):
 class MDM(Family):
     name, causal, mask_token, bound = "mdm", False, True, "diffusion upper bound on the NLL (negative ELBO)"
     sampling = MdmSampling
-    score_options = ("samples", "cfg")
+    score_options = ("samples", "guidance")
 
-    def training_noise(self, cfg, step, shard, micro):
+    def training_noise(self, recipe, step, shard, micro):
         # one stratified set of times (or counts) for the global batch, so every rank draws it and takes its slice
-        stratified, rows = cfg.t_sampling == "stratified", slice(shard * micro, (shard + 1) * micro)
-        u = torch.rand(micro, cfg.seq_len, generator=generator(cfg.seed, step, 1, shard))
-        if cfg.mdm_masking == "count":
-            counts = mask_counts(cfg.batch_size, cfg.seq_len, generator(cfg.seed, step, 0), stratified)
+        stratified, rows = recipe.t_sampling == "stratified", slice(shard * micro, (shard + 1) * micro)
+        u = torch.rand(micro, recipe.seq_len, generator=generator(recipe.seed, step, 1, shard))
+        if recipe.mdm_masking == "count":
+            counts = mask_counts(recipe.batch_size, recipe.seq_len, generator(recipe.seed, step, 0), stratified)
             return count_masking(counts[rows], u)
-        times = diffusion_times(cfg.batch_size, generator(cfg.seed, step, 0), stratified)
-        return masking(times[rows], u, cfg.mdm_eps)
+        times = diffusion_times(recipe.batch_size, generator(recipe.seed, step, 0), stratified)
+        return masking(times[rows], u, recipe.mdm_eps)
 
-    def validation_passes(self, cfg):
-        return cfg.eval_samples  # one per Monte Carlo draw of the bound
+    def validation_passes(self, recipe):
+        return recipe.eval_samples  # one per Monte Carlo draw of the bound
 
     def loss(self, model, block, noise):
         """SMDM's bound per sequence: Σ_masked CE / p over all L tokens; its expectation upper-bounds the NLL."""
@@ -158,7 +161,7 @@ class MDM(Family):
         for s in range(0, mc.samples, mc.batch_size):
             rows = Masking(noise.masked[s:s + mc.batch_size], noise.p[s:s + mc.batch_size])
             batch = target.expand(len(rows.p), -1)
-            total += masked_ce_over_p(model, batch, rows, context, mc.cfg).double().sum().item()
+            total += masked_ce_over_p(model, batch, rows, context, mc.guidance).double().sum().item()
         return total / mc.samples
 
     def sample(self, model, prompt, **options):
@@ -166,7 +169,7 @@ class MDM(Family):
 
 
 def masked_ce_over_p(model: Transformer, x: torch.Tensor, noise: Masking, context: torch.Tensor | None = None,
-                     cfg: float = 0.0) -> torch.Tensor:
+                     guidance: float = 0.0) -> torch.Tensor:
     """Σ over the masked tokens of row i of CE / p_i, per row [B]; x [B, L] are the clean tokens.
 
     Only masked positions go through the output head (the largest layer of a small model). A context
@@ -177,7 +180,7 @@ def masked_ce_over_p(model: Transformer, x: torch.Tensor, noise: Masking, contex
     if context is not None and len(context):
         inputs = torch.cat([context.expand(len(x), -1), inputs], dim=1)
         masked = torch.cat([torch.zeros_like(inputs[:, :len(context)], dtype=torch.bool), masked], dim=1)
-    logits = guided_logits(model, inputs, inputs.shape[1] - x.shape[1], cfg, only=masked)  # [M, V]
+    logits = guided_logits(model, inputs, inputs.shape[1] - x.shape[1], guidance, only=masked)  # [M, V]
     ce = F.cross_entropy(logits.float(), x[noise.masked], reduction="none")
     ce = torch.zeros(x.shape, dtype=ce.dtype, device=ce.device).masked_scatter(noise.masked, ce)  # [B, L]
     return (ce / noise.p.unsqueeze(1)).sum(dim=1)

@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline import deepspeed_settings, distributed
-from pipeline.config import RunSpec, TrainConfig
-from pipeline.data import TokenDataset, load_dataset
+from pipeline.data.dataset import TokenDataset, load_dataset
 from pipeline.errors import ConfigError, DataError
-from pipeline.family import FAMILIES, Family, mc_stderr, mean_and_stderr
-from pipeline.flops import BudgetPlan, flops_per_token
-from pipeline.model import Transformer
-from pipeline.noise import MonteCarlo
-from pipeline.run_folder import RunFolder
+from pipeline.model.family import FAMILIES, Family, mc_stderr, mean_and_stderr
+from pipeline.model.flops import BudgetPlan, flops_per_token
+from pipeline.model.noise import MonteCarlo
+from pipeline.model.transformer import Transformer
+from pipeline.recipe import RunSpec, TrainConfig
+from pipeline.training import deepspeed_settings, distributed
+from pipeline.training.run_folder import RunFolder
 
 # Dense bf16 peak FLOP/s by device name, for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -69,23 +69,23 @@ class Reporter:
         """Every rank, after a checkpoint is saved and all ranks have finished writing it."""
 
 
-def lr_at(step: int, steps: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, steps: int, recipe: TrainConfig) -> float:
     """Linear warmup, then cosine decay to lr * min_lr_ratio at the last step."""
-    warmup = cfg.warmup_steps(steps)
+    warmup = recipe.warmup_steps(steps)
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
+        return recipe.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup - 1)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    floor = recipe.lr * recipe.min_lr_ratio
+    return floor + (recipe.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+def batch_layout(recipe: TrainConfig, world_size: int) -> tuple[int, int]:
     """(micro batch per rank, gradient-accumulation steps) for the global batch."""
-    micro = cfg.micro_batch_size or cfg.batch_size // world_size
-    if micro == 0 or cfg.batch_size % (micro * world_size):
-        raise ConfigError(f"train.batch_size: {cfg.batch_size} is not a multiple of micro_batch_size ({micro}) x "
+    micro = recipe.micro_batch_size or recipe.batch_size // world_size
+    if micro == 0 or recipe.batch_size % (micro * world_size):
+        raise ConfigError(f"train.batch_size: {recipe.batch_size} is not a multiple of micro_batch_size ({micro}) x "
                          f"world size ({world_size})")
-    return micro, cfg.batch_size // (micro * world_size)
+    return micro, recipe.batch_size // (micro * world_size)
 
 
 def check_run(spec: RunSpec, data_dir: str | Path, world_size: int = 1) -> tuple[TokenDataset, BudgetPlan]:
@@ -93,12 +93,12 @@ def check_run(spec: RunSpec, data_dir: str | Path, world_size: int = 1) -> tuple
     data = load_dataset(data_dir)
     if spec.data_fingerprint and spec.data_fingerprint != data.info.fingerprint:
         raise DataError(f"data: {data_dir} has fingerprint {data.info.fingerprint}, the run expects {spec.data_fingerprint}")
-    cfg = spec.train
-    batch_layout(cfg, world_size)
-    data.val_blocks(seq_len=cfg.seq_len, max_blocks=1)  # raises if the val split is too short
-    if data.num_train_blocks(cfg.seq_len) < 1:
-        raise DataError(f"data: {data_dir} has no training block of seq_len+1={cfg.seq_len + 1} tokens")
-    return data, spec.plan(data.info.vocab_size, data.num_train_blocks(cfg.seq_len))
+    recipe = spec.train
+    batch_layout(recipe, world_size)
+    data.val_blocks(seq_len=recipe.seq_len, max_blocks=1)  # raises if the val split is too short
+    if data.num_train_blocks(recipe.seq_len) < 1:
+        raise DataError(f"data: {data_dir} has no training block of seq_len+1={recipe.seq_len + 1} tokens")
+    return data, spec.plan(data.info.vocab_size, data.num_train_blocks(recipe.seq_len))
 
 
 # With one rank there is nothing to reduce, yet ZeRO-1/2 by default still copies each gradient into a bucket as
@@ -107,16 +107,16 @@ def check_run(spec: RunSpec, data_dir: str | Path, world_size: int = 1) -> tuple
 ONE_RANK_ZERO = {"contiguous_gradients": False, "reduce_scatter": False}
 
 
-def deepspeed_config(cfg: TrainConfig, micro: int, accumulation: int, bf16: bool, world: int) -> dict:
+def deepspeed_config(recipe: TrainConfig, micro: int, accumulation: int, bf16: bool, world: int) -> dict:
     return deepspeed_settings.merged({
-        "train_batch_size": cfg.batch_size,
+        "train_batch_size": recipe.batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage, **(ONE_RANK_ZERO if world == 1 else {})},
+        "gradient_clipping": recipe.grad_clip,
+        "zero_optimization": {"stage": recipe.zero_stage, **(ONE_RANK_ZERO if world == 1 else {})},
         "bf16": {"enabled": bf16},
         "steps_per_print": 2**62,
-    }, cfg.deepspeed)
+    }, recipe.deepspeed)
 
 
 @dataclass
@@ -147,19 +147,19 @@ def build_run(spec: RunSpec, data_dir: str | Path, out_dir: str | Path) -> Run:
     import deepspeed  # after the accelerator is chosen
 
     rank, world = distributed.ensure_process_group()
-    cfg, family = spec.train, FAMILIES[spec.family]
+    recipe, family = spec.train, FAMILIES[spec.family]
     data, plan = check_run(spec, data_dir, world)
-    micro, accumulation = batch_layout(cfg, world)
+    micro, accumulation = batch_layout(recipe, world)
     device = distributed.device_for_rank()
-    bf16 = cfg.bf16_on(device.type)
-    torch.manual_seed(cfg.seed)
-    model = Transformer(family.model_config(spec.shape, data.info.vocab_size, cfg.seq_len, cfg.init))
+    bf16 = recipe.bf16_on(device.type)
+    torch.manual_seed(recipe.seed)
+    model = Transformer(family.model_config(spec.shape, data.info.vocab_size, recipe.seq_len, recipe.init))
     params_total = model.total_params()  # before ZeRO-3 partitions the parameters
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(recipe.beta1, recipe.beta2),
+                                  weight_decay=recipe.weight_decay, fused=device.type == "cuda")
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=deepspeed_config(cfg, micro, accumulation, bf16, world))
-    if cfg.compile:
+                                      config=deepspeed_config(recipe, micro, accumulation, bf16, world))
+    if recipe.compile:
         engine.compile()  # in place: parameter names, checkpoints and the final weights stay those of the model
     return Run(spec, family, data, plan, rank, world, micro, accumulation, device, engine, optimizer,
                RunFolder(out_dir), params_total)
@@ -177,16 +177,16 @@ def resume(run: Run, resume_from: str | Path | None) -> int:
 def train_step(run: Run, step: int) -> tuple[torch.Tensor, float]:
     """One optimizer step over the global batch `step`; (this rank's mean loss as a tensor, lr). The loss stays
     on the device: reading it (a host sync that stalls a GPU's queue) waits for the log window."""
-    cfg = run.spec.train
-    lr = lr_at(step, run.plan.steps, cfg)
+    recipe = run.spec.train
+    lr = lr_at(step, run.plan.steps, recipe)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     step_loss = torch.zeros((), dtype=torch.float64, device=run.device)
     for m in range(run.accumulation):
         shard = run.rank * run.accumulation + m  # a virtual rank: the global batch is the same however it is split
         block = run.data.train_batch(step=step, rank=shard, world_size=run.world * run.accumulation,
-                                     batch_size=run.micro, seq_len=cfg.seq_len, seed=cfg.seed).to(run.device)
-        noise = run.family.training_noise(cfg, step, shard, run.micro)
+                                     batch_size=run.micro, seq_len=recipe.seq_len, seed=recipe.seed).to(run.device)
+        noise = run.family.training_noise(recipe, step, shard, run.micro)
         if noise is not None:
             noise = noise.to(run.device)
         loss = run.family.loss(run.engine, block, noise).mean()
@@ -242,19 +242,19 @@ def save_checkpoint(run: Run, step: int) -> None:
 def finish(run: Run, start: int, seconds: float) -> TrainResult:
     """Validate, write the run folder (rank 0) and drop the optimizer state, now dead weight (unless
     train.keep_checkpoint asks to keep the last checkpoint, from which the run can be continued)."""
-    spec, plan, cfg = run.spec, run.plan, run.spec.train
-    val = run.data.val_blocks(seq_len=cfg.seq_len, max_blocks=cfg.val_blocks).to(run.device)
+    spec, plan, recipe = run.spec, run.plan, run.spec.train
+    val = run.data.val_blocks(seq_len=recipe.seq_len, max_blocks=recipe.val_blocks).to(run.device)
     val_loss, val_stderr, val_mc_stderr = _evaluate(run, val)
     result = TrainResult(
         run_hash=spec.run_hash, family=spec.family, model=spec.shape.label, params=spec.shape.non_embedding_params(),
         params_total=run.params_total, budget=spec.budget, tokens=plan.tokens, flops=plan.flops,
-        flops_convention=cfg.flops_convention, steps=plan.steps, val_loss=val_loss, val_stderr=val_stderr,
+        flops_convention=recipe.flops_convention, steps=plan.steps, val_loss=val_loss, val_stderr=val_stderr,
         val_mc_stderr=val_mc_stderr, world_size=run.world, seconds=seconds,
         tokens_per_s=(plan.steps - start) * plan.tokens_per_step / seconds, resumed_from_step=start)
     state = master_weights(run.engine)
     if run.rank == 0:
         run.folder.write(state, spec, run.data.info, result)
-        if not cfg.keep_checkpoint:
+        if not recipe.keep_checkpoint:
             shutil.rmtree(run.checkpoints, ignore_errors=True)
     dist.barrier()
     return result
@@ -283,7 +283,7 @@ def train(spec: RunSpec, data_dir: str | Path, out_dir: str | Path, *, reporter:
     """
     reporter = reporter or Reporter()
     run = build_run(spec, data_dir, out_dir)
-    cfg, steps = spec.train, run.plan.steps
+    recipe, steps = spec.train, run.plan.steps
     start, started = resume(run, resume_from), time.perf_counter()
     if verbose and run.rank == 0:
         _announce(run, start)
@@ -292,10 +292,10 @@ def train(spec: RunSpec, data_dir: str | Path, out_dir: str | Path, *, reporter:
         loss, lr = train_step(run, step)
         window.add(loss)
         done = step + 1
-        if done % cfg.log_every == 0 or done == end:
+        if done % recipe.log_every == 0 or done == end:
             window.flush(reporter, done, lr, verbose)
-        last = done == end and (done < steps or cfg.keep_checkpoint)  # an interruption, or a checkpoint to keep
-        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or last:
+        last = done == end and (done < steps or recipe.keep_checkpoint)  # an interruption, or a checkpoint to keep
+        if (recipe.checkpoint_every and done % recipe.checkpoint_every == 0) or last:
             save_checkpoint(run, done)
             reporter.checkpoint(done, run.checkpoints, {"step": done})
     if end < steps:
@@ -306,11 +306,11 @@ def train(spec: RunSpec, data_dir: str | Path, out_dir: str | Path, *, reporter:
 def _evaluate(run: Run, val: torch.Tensor) -> tuple[float, float, float]:
     """(val_loss, val_stderr, val_mc_stderr). Each rank scores every world-th sequence; ranks do equal work
     (ZeRO-3 gathers weights in lockstep)."""
-    cfg, n, rank, world = run.spec.train, len(val), run.rank, run.world
+    recipe, n, rank, world = run.spec.train, len(val), run.rank, run.world
     per_rank = math.ceil(n / world)
     mine = [i % n for i in range(rank, per_rank * world, world)]
-    mc = MonteCarlo(samples=cfg.eval_samples, seed=cfg.seed, eps=cfg.mdm_eps, stratified=cfg.t_sampling == "stratified",
-                    batch_size=cfg.eval_batch_size, estimator=cfg.mdm_eval)
+    mc = MonteCarlo(samples=recipe.eval_samples, seed=recipe.seed, eps=recipe.mdm_eps, stratified=recipe.t_sampling == "stratified",
+                    batch_size=recipe.eval_batch_size, estimator=recipe.mdm_eval)
     values, variances = run.family.sequence_losses_and_mc_var(run.engine, val, mc, mine)
     gathered = torch.zeros(2, n, dtype=torch.float64)  # losses and their Monte Carlo variances, one all_reduce
     keep = [k for k, i in enumerate(range(rank, per_rank * world, world)) if i < n]
@@ -334,9 +334,9 @@ def _real_flops_per_token(run: Run) -> float:
 
 
 def _announce(run: Run, start: int) -> None:
-    spec, plan, cfg = run.spec, run.plan, run.spec.train
+    spec, plan, recipe = run.spec, run.plan, run.spec.train
     print(f"[{spec.run_name}] {spec.family} N={spec.shape.non_embedding_params():,} D={plan.tokens:,} tokens "
-          f"C={plan.flops:.3g} steps={plan.steps} epochs={plan.epochs:.3g} world={run.world} zero={cfg.zero_stage}"
+          f"C={plan.flops:.3g} steps={plan.steps} epochs={plan.epochs:.3g} world={run.world} zero={recipe.zero_stage}"
           + (f" resuming at step {start}" if start else ""), flush=True)
 
 

@@ -63,7 +63,7 @@ class MonteCarlo:
     eps: float = 1e-3          # the training loss's mask floor ("time" only)
     stratified: bool = True    # t, or l, stratified over the K draws
     batch_size: int = 32       # rows per forward
-    cfg: float = 0.0           # unsupervised classifier-free guidance weight W (scoring with a prompt)
+    guidance: float = 0.0      # unsupervised classifier-free guidance weight W (scoring with a prompt)
     estimator: Literal["time", "count"] = "time"
     eval_seed: int = 0         # seeds "count" validation in place of seed, whatever the run's seed
 

@@ -7,8 +7,8 @@ folders prepared before sharding), or the concatenation of the shard files meta.
 (format 2: `train-00000.bin`, ..., at most SHARD_TOKENS tokens each, so files stay a manageable size
 however large the corpus). Both read as one stream, and the fingerprint hashes that stream, so a
 corpus has the same fingerprint and the same batches in either layout. Folders are built under a hidden sibling name and renamed into place when complete, so a
-folder with a `meta.json` is always a finished one. Two writers make them: pipeline.prepare (real
-text) and pipeline.synthetic (the synthetic corpus, see docs/synthetic_corpus.md).
+folder with a `meta.json` is always a finished one. Two writers make them: pipeline.data.prepare (real
+text) and pipeline.data.synthetic (the synthetic corpus, see docs/synthetic_corpus.md).
 
 Batches are pure functions of (seed, step, rank, world_size, batch_size, seq_len): the train split is
 cut into non-overlapping blocks of seq_len + 1 tokens, visited in a seeded permutation per epoch, and
@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import DataError
-from pipeline.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -219,7 +219,7 @@ def load_tokenizer(data_dir: str | Path) -> Tokenizer:
 
 
 # --------------------------------------------------------------------------------------------- writing
-# Shared by both writers (pipeline.prepare, pipeline.synthetic): the fingerprint must be computed one
+# Shared by both writers (pipeline.data.prepare, pipeline.data.synthetic): the fingerprint must be computed one
 # way only, since it is part of every finished run's identity.
 
 @contextmanager

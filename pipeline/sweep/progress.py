@@ -25,8 +25,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.config import RunSpec
-from pipeline.point_logs import point_log
+from pipeline.recipe import RunSpec
+from pipeline.sweep.outcome import Outcome
+from pipeline.sweep.point_logs import point_log
 
 PLAIN_EVERY_SECONDS = 30.0  # a plain progress line this often when the output is not a terminal
 DRAW_EVERY_SECONDS = 0.5    # the live table is redrawn at most this often
@@ -82,7 +83,7 @@ class PointState:
             self.note = f"waiting: another sweep trains it ({metrics['waiting_on']})"
         status = metrics.get("status")
         if status:
-            self.state = {"finished": DONE, "skipped": SKIPPED}.get(status, FAILED)
+            self.state = {Outcome.FINISHED: DONE, Outcome.SKIPPED: SKIPPED}.get(status, FAILED)
             self.note = "" if self.state != FAILED else status
 
 
@@ -242,14 +243,14 @@ class SweepProgress(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         point = self.point(trial)
-        point.update({"status": (trial.last_result or {}).get("status") or "finished"})
+        point.update({"status": (trial.last_result or {}).get("status") or Outcome.FINISHED})
         if point.state == FAILED:
             self.failed(point, point.note)
         self.show(force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         point = self.point(trial)
-        point.state, point.note = FAILED, "errored"
+        point.state, point.note = FAILED, Outcome.ERRORED
         self.failed(point, error_line(trial))
         self.show(force=True)
 
@@ -265,4 +266,4 @@ def error_line(trial) -> str:
     path = trial.error_file and Path(trial.error_file)
     text = path.read_text(errors="replace") if path and path.exists() else ""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return f"errored: {lines[-1][:300]}" if lines else "errored"
+    return Outcome.reason(Outcome.ERRORED, lines[-1][:300]) if lines else Outcome.ERRORED

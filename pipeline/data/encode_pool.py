@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from pipeline.tokenizer import Tokenizer
+from pipeline.data.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

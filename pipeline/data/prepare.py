@@ -7,8 +7,8 @@ hidden name and renamed into place only when meta.json, the manifest, is written
 that looks complete. The manifest records the inputs (path, size, mtime) and every option that shapes
 the tokens, so a rerun with the same inputs and options finds it and does nothing.
 
-Reading files lives in pipeline.corpus, the worker pool in pipeline.encode_pool, the folder format in
-pipeline.data and the tokenizer in pipeline.tokenizer.
+Reading files lives in pipeline.data.corpus, the worker pool in pipeline.data.encode_pool, the folder format in
+pipeline.data.dataset and the tokenizer in pipeline.data.tokenizer.
 """
 from __future__ import annotations
 
@@ -21,21 +21,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline.corpus import Tally, documents, expand
-from pipeline.data import (
-    META,
-    SHARD_TOKENS,
-    SPLITS,
-    DatasetInfo,
-    check_target,
-    load_dataset,
-    staged,
-    token_dtype,
-    write_dataset,
-)
-from pipeline.encode_pool import Encoded, encode_all
+from pipeline.data.corpus import Tally, documents, expand
+from pipeline.data.dataset import (META, SHARD_TOKENS, SPLITS, DatasetInfo, check_target, load_dataset, staged,
+                                   token_dtype, write_dataset)
+from pipeline.data.encode_pool import Encoded, encode_all
+from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import DataError
-from pipeline.tokenizer import Tokenizer
 
 BATCH_CHARS = 1 << 21   # characters of text per batch a worker encodes (bounds memory per batch)
 BATCH_DOCS = 1024       # and documents per batch

@@ -25,12 +25,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import ExportError, RunFolderError
-from pipeline.family import FAMILIES
-from pipeline.model import ModelConfig, Transformer
-from pipeline.run_folder import TrainedModel
-from pipeline.shapes import Shape
-from pipeline.tokenizer import Tokenizer
+from pipeline.model.family import FAMILIES
+from pipeline.model.shapes import Shape
+from pipeline.model.transformer import ModelConfig, Transformer
+from pipeline.training.run_folder import TrainedModel
 
 CONFIG, WEIGHTS, TOKENIZER, TOKENIZER_CONFIG = "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
 MASK = "<|mask|>"  # the MDM's mask token in its exported tokenizer

@@ -1,6 +1,6 @@
 """Generating from trained models: the MDM's reverse-process samplers, KV-cached ARM decoding, and
 unsupervised classifier-free guidance (docs/method.md §7). Each family's sampler entry
-(`pipeline.family`) calls these.
+(`pipeline.model.family`) calls these.
 
 MDM sampling runs the reverse process on the time grid linspace(1, 1e-5, steps + 1); the network has no
 time input, so a step that reveals nothing leaves the logits valid and the next network call is skipped.
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import SamplingError
-from pipeline.model import KVCache, Transformer
-from pipeline.noise import generator
+from pipeline.model.noise import generator
+from pipeline.model.transformer import KVCache, Transformer
 
 GRID_END = 1e-5  # the time grid stops short of 0, as in SMDM
 
@@ -42,20 +42,20 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, gen: torch.Generator
     return (logits.to(dtype) / temperature + gumbel(u)).argmax(-1)
 
 
-def guided_logits(model: Transformer, x: torch.Tensor, prompt_len: int, cfg: float = 0.0,
+def guided_logits(model: Transformer, x: torch.Tensor, prompt_len: int, guidance: float = 0.0,
                   only: torch.Tensor | None = None) -> torch.Tensor:
-    """The MDM's logits for x, with unsupervised classifier-free guidance when cfg W != 0:
+    """The MDM's logits for x, with unsupervised classifier-free guidance when its weight W != 0:
     u + (W + 1)(c − u), c the output given x, u the output with its first prompt_len tokens masked.
     Both come from one forward on the doubled batch. `only` (bool, x's shape) keeps the selected positions."""
     select = {} if only is None else {"only": only}
-    if cfg == 0 or prompt_len == 0:
+    if guidance == 0 or prompt_len == 0:
         return model(x, **select)
     unconditional = x.clone()
     unconditional[:, :prompt_len] = model.mask_token_id
     if only is not None:
         select = {"only": torch.cat([only, only])}  # row-major selection: x's positions first, then u's
     c, u = model(torch.cat([x, unconditional]), **select).chunk(2)
-    return u + (cfg + 1) * (c - u)
+    return u + (guidance + 1) * (c - u)
 
 
 @dataclass
@@ -111,7 +111,7 @@ class MdmSampling:
     steps: int | None = None          # default: one step per answer token
     sampler: Sampler = "reverse"
     temperature: float = 1.0
-    cfg: float = 0.0                  # unsupervised CFG weight W (0: none)
+    guidance: float = 0.0             # unsupervised classifier-free guidance (CFG) weight W (0: none)
     seed: int = 0
 
     @property
@@ -145,38 +145,38 @@ STEPS = {"reverse": _reverse_step, "confidence": _confidence_step}
 
 
 @torch.inference_mode()
-def mdm_sample(model: Transformer, prompt: torch.Tensor, cfg: MdmSampling) -> Sample:
-    """Generate cfg.length tokens after each row of prompt [B, P] (P may be 0); the prompt is never masked."""
-    _check_generation(model, prompt, cfg.length, cfg.temperature, needs_mask_token=True)
-    steps = cfg.n_steps
-    if cfg.sampler not in STEPS:
-        raise SamplingError(f"sampler must be one of {', '.join(STEPS)}, got {cfg.sampler!r}")
+def mdm_sample(model: Transformer, prompt: torch.Tensor, settings: MdmSampling) -> Sample:
+    """Generate settings.length tokens after each row of prompt [B, P] (P may be 0); the prompt is never masked."""
+    _check_generation(model, prompt, settings.length, settings.temperature, needs_mask_token=True)
+    steps = settings.n_steps
+    if settings.sampler not in STEPS:
+        raise SamplingError(f"sampler must be one of {', '.join(STEPS)}, got {settings.sampler!r}")
     if steps <= 0:
         raise SamplingError(f"steps must be positive, got {steps}")
-    if cfg.sampler == "confidence" and steps > cfg.length:
+    if settings.sampler == "confidence" and steps > settings.length:
         raise SamplingError(f"the confidence sampler reveals at least one token per step: steps ({steps}) must be "
-                            f"<= length ({cfg.length})")
-    if not math.isfinite(cfg.cfg):
-        raise SamplingError(f"cfg must be a finite number, got {cfg.cfg}")
+                            f"<= length ({settings.length})")
+    if not math.isfinite(settings.guidance):
+        raise SamplingError(f"guidance (--cfg) must be a finite number, got {settings.guidance}")
     B, P = prompt.shape
-    x = torch.cat([prompt, prompt.new_full((B, cfg.length), model.mask_token_id)], dim=1)
+    x = torch.cat([prompt, prompt.new_full((B, settings.length), model.mask_token_id)], dim=1)
     answer = x[:, P:]  # a view: revealing writes into x
-    gen = generator(cfg.seed, device=prompt.device)
+    gen = generator(settings.seed, device=prompt.device)
     times = torch.linspace(1, GRID_END, steps + 1, dtype=torch.float64).tolist()
     logits, stale, calls = None, torch.ones(B, dtype=torch.bool, device=prompt.device), 0
     for i in range(steps):
         if stale.any():  # only rows whose tokens changed since the last call need the network again
-            fresh = guided_logits(model, x[stale], P, cfg.cfg)[:, P:]
+            fresh = guided_logits(model, x[stale], P, settings.guidance)[:, P:]
             if logits is None:
                 logits = fresh
             else:
                 logits[stale] = fresh
             calls += 1
-        reveal, tokens = STEPS[cfg.sampler](logits, answer == model.mask_token_id, times[i], times[i + 1],
-                                            i == steps - 1, cfg.temperature, gen)
+        reveal, tokens = STEPS[settings.sampler](logits, answer == model.mask_token_id, times[i], times[i + 1],
+                                            i == steps - 1, settings.temperature, gen)
         answer[reveal] = tokens
         stale = reveal.any(dim=1)
-    return Sample(x, P, calls, f"{cfg.sampler} sampler, {steps} steps, cfg {cfg.cfg:g}")
+    return Sample(x, P, calls, f"{settings.sampler} sampler, {steps} steps, guidance {settings.guidance:g}")
 
 
 # ----------------------------------------------------------------------------------------------- ARM
@@ -190,16 +190,16 @@ class ArmSampling:
 
 
 @torch.inference_mode()
-def arm_sample(model: Transformer, prompt: torch.Tensor, cfg: ArmSampling) -> Sample:
-    """Left-to-right decoding of cfg.length tokens after each row of prompt [B, P], P >= 1."""
-    _check_generation(model, prompt, cfg.length, cfg.temperature, needs_mask_token=False)
+def arm_sample(model: Transformer, prompt: torch.Tensor, settings: ArmSampling) -> Sample:
+    """Left-to-right decoding of settings.length tokens after each row of prompt [B, P], P >= 1."""
+    _check_generation(model, prompt, settings.length, settings.temperature, needs_mask_token=False)
     if prompt.shape[1] == 0:
         raise SamplingError("ARM decoding needs a prompt of at least one token (e.g. EOS)")
-    gen = generator(cfg.seed, device=prompt.device)
-    cache = KVCache() if cfg.cache else None
+    gen = generator(settings.seed, device=prompt.device)
+    cache = KVCache() if settings.cache else None
     x, new = prompt, prompt
-    for _ in range(cfg.length):
+    for _ in range(settings.length):
         logits = model(new if cache is not None else x, cache)[:, -1]
-        new = gumbel_argmax(logits, cfg.temperature, gen)[:, None]
+        new = gumbel_argmax(logits, settings.temperature, gen)[:, None]
         x = torch.cat([x, new], dim=1)
-    return Sample(x, prompt.shape[1], cfg.length, "KV-cached decoding" if cfg.cache else "uncached decoding")
+    return Sample(x, prompt.shape[1], settings.length, "KV-cached decoding" if settings.cache else "uncached decoding")
