@@ -6,6 +6,10 @@ STAMP  := $(VENV)/.installed
 # A CPU build by default; on a GPU machine: make install TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH  ?= torch==2.13.0
 DEMO   ?= results/demo
+# Test processes (pytest-xdist): the end-to-end tests spend much of their time starting Ray and MLflow and waiting
+# on them, so two processes finish sooner than one even on two cores. A module's tests that share a costly
+# fixture (a Ray cluster, a Postgres server, one finished sweep) stay in one process (xdist_group marks).
+TEST_WORKERS ?= 2
 
 .PHONY: install test test-fast demo clean
 install: $(STAMP)
@@ -20,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -47,3 +47,18 @@ def cli(capsys, *args) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> dict:
+    """A briefly trained MDM and ARM (tests/helpers.py: TINY_RECIPE, TINY_SHAPE), shared by the modules that score,
+    sample and evaluate them: {family: run folder}."""
+    import torch
+    from helpers import train_tiny_models
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_tiny_models(tmp_path_factory.mktemp("trained"))
+    finally:
+        torch.set_num_threads(threads)

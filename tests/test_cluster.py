@@ -14,11 +14,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_sweep import TRAIN, assert_one_finished_run_per_point, isoflop, larger_corpus, write_sweep
+from helpers import TRAIN, assert_one_finished_run_per_point, isoflop, larger_corpus, write_sweep
 
 from pipeline.training.distributed import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-cluster")]  # one cluster for both tests
 RAY = str(Path(sys.executable).with_name("ray"))
 # Every node and client of the cluster shares one token, as on a real cluster (Ray's token authentication)
 AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}

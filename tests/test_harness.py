@@ -10,13 +10,8 @@ from conftest import cli
 from analysis.cli import main as analyze
 from analysis.runs import from_mlflow, write_table
 from analysis.synthetic import synthetic_runs
-from pipeline.data.synthetic import synthetic
 from pipeline.mlflow_keys import HASH_TAG
-from pipeline.model.flops import budget_for_steps
 from pipeline.model.noise import MonteCarlo
-from pipeline.model.shapes import resolve_shape
-from pipeline.recipe import RunSpec, TrainConfig
-from pipeline.training.loop import train
 from pipeline.training.run_folder import RunFolder
 from pipeline.use.lm_eval import SHIPPED_TASKS, EvalSettings, evaluate, metrics_of
 from pipeline.use.scoring import continuation_nll, evaluate_choices, read_tasks
@@ -30,22 +25,6 @@ LIMIT = 6  # documents per task: enough to compare, few enough for seconds
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A briefly trained MDM and ARM on the synthetic corpus: {family: run folder}."""
-    root = tmp_path_factory.mktemp("trained")
-    data = synthetic(root / "data", tokens=50_000, seed=0).path
-    shape = resolve_shape("{n_layer: 1, n_head: 2, d_model: 32}")
-    recipe = TrainConfig(seq_len=32, batch_size=8, lr=3e-3, zero_stage=0, warmup_min_steps=2, eval_samples=2,
-                      val_blocks=4, checkpoint_every=0, log_every=50)
-    folders = {}
-    for family in ("mdm", "arm"):
-        budget = budget_for_steps(shape, 40, batch_size=recipe.batch_size, seq_len=recipe.seq_len)
-        train(RunSpec(family=family, shape=shape, budget=budget, train=recipe), data, root / family, verbose=False)
-        folders[family] = root / family
-    return folders
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_sweep import TRAIN, assert_one_finished_run_per_point, write_sweep
+from helpers import TRAIN, assert_one_finished_run_per_point, write_sweep
 
 from pipeline.data.synthetic import synthetic
 from pipeline.errors import TrackingError

@@ -15,18 +15,12 @@ from pipeline.data.dataset import load_tokenizer
 from pipeline.data.synthetic import SyntheticLanguage, synthetic
 from pipeline.errors import SamplingError
 from pipeline.model.family import FAMILIES
-from pipeline.model.flops import budget_for_steps
 from pipeline.model.noise import MonteCarlo, masking
 from pipeline.model.sampling import (ArmSampling, MdmSampling, arm_sample, guided_logits, gumbel, gumbel_argmax,
                                      mdm_sample)
-from pipeline.model.shapes import Shape, resolve_shape
+from pipeline.model.shapes import Shape
 from pipeline.model.transformer import Transformer
-from pipeline.recipe import RunSpec, TrainConfig
-from pipeline.training.loop import train
 from pipeline.use.scoring import ChoiceTask, continuation_nll, evaluate_choices
-
-TINY_SHAPE = resolve_shape("{n_layer: 1, n_head: 2, d_model: 32}")
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -225,22 +219,6 @@ def test_a_memorised_continuation_scores_better_than_a_random_one(family):
 
 
 # -------------------------------------------------------------- trained checkpoints: evaluator and CLI
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """An MDM and an ARM trained by pipeline.training.loop on the synthetic corpus: {family: checkpoint folder}."""
-    root = tmp_path_factory.mktemp("trained")
-    data = synthetic(root / "data", tokens=200_000, seed=0).path
-    recipe = TrainConfig(seq_len=32, batch_size=8, lr=3e-3, zero_stage=0, warmup_min_steps=2, eval_samples=2,
-                      val_blocks=4, checkpoint_every=0, log_every=50)
-    steps = 120
-    folders = {}
-    for family in ("mdm", "arm"):
-        budget = budget_for_steps(TINY_SHAPE, steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len)
-        train(RunSpec(family=family, shape=TINY_SHAPE, budget=budget, train=recipe), data, root / family, verbose=False)
-        folders[family] = root / family
-    return folders
-
 
 def synthetic_tasks(n: int, seed: int = 0) -> list[ChoiceTask]:
     rows = SyntheticLanguage().choice_tasks(n, np.random.default_rng(seed))

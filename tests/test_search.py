@@ -2,7 +2,7 @@
 each its own run (hash, MLflow run), resolved the same way on every load."""
 import pytest
 from mlflow.tracking import MlflowClient
-from test_sweep import TRAIN, assert_one_finished_run_per_point, isoflop, write_sweep
+from helpers import TRAIN, assert_one_finished_run_per_point, isoflop, write_sweep
 
 from pipeline import tracking
 from pipeline.errors import SweepError

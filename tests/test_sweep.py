@@ -1,7 +1,7 @@
 """Sweeps end to end on CPU with local Ray: grid, MLflow contents, idempotent re-runs, crashes, bad files."""
 import json
 import math
-import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,160 +10,73 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
-from conftest import write_word_jsonl
+from conftest import cli, write_word_jsonl
+from helpers import (TRAIN, MlflowServer, assert_one_finished_run_per_point, child_runs, isoflop, larger_corpus,
+                     write_sweep)
 from mlflow.tracking import MlflowClient
 
 from pipeline.data.synthetic import synthetic
-from pipeline.errors import SweepError, TrackingError
+from pipeline.errors import SweepError
 from pipeline.sweep.grid import expand_grid, load_sweep
-from pipeline.training.distributed import free_port
-
-TRAIN = {"seq_len": 32, "batch_size": 8, "lr": 3e-3, "warmup_min_steps": 2, "min_steps": 10, "zero_stage": 0,
-         "checkpoint_every": 10, "log_every": 5, "eval_samples": 2, "val_blocks": 4}
 
 
-def larger_corpus(tmp_path: Path) -> dict:
-    """Enough tokens for a cpu-26k point at 3e10 FLOPs (about 200k) to see each once."""
-    return {"path": str(tmp_path / "data"), "synthetic": {"tokens": 400_000, "seed": 0}}
-
-
-def write_sweep(tmp_path: Path, name: str = "mini", **overrides) -> Path:
-    sweep = {"name": name, "data": {"path": str(tmp_path / "data"), "synthetic": {"tokens": 200_000, "seed": 0}},
-             "families": ["mdm", "arm"], "budgets": [4e9, 8e9], "models": ["cpu-26k", "cpu-51k"], "seeds": [0],
-             "train": TRAIN, "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
-             "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "storage": str(tmp_path / "ray")}
-    sweep.update(overrides)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    return path
-
-
-def isoflop(*args, timeout=900, env=None, **kwargs):
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, **kwargs)
-
-
-def child_runs(uri: str, experiment: str):
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], "tags.`isoflop.run_hash` != ''", max_results=1000)
-    return client, runs
-
-
-def assert_one_finished_run_per_point(uri: str, experiment: str, points: int):
-    client, runs = child_runs(uri, experiment)
-    hashes = [r.data.tags["isoflop.run_hash"] for r in runs]
-    assert len(hashes) == len(set(hashes)) == points
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    for run in runs:
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-        assert steps == sorted(set(steps)) and steps[-1] == int(run.data.params["steps"])  # no duplicated points
-        assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 1
-    # each final model once, as an MLflow logged model of its run holding the run's final files
-    models = client.search_logged_models(experiment_ids=[runs[0].info.experiment_id])
-    assert sorted(m.source_run_id for m in models) == sorted(r.info.run_id for r in runs)
-    assert {m.status for m in models} == {"READY"}
-    for model in models:  # the weights once per run: in its logged model, not among the run's artifacts too
-        assert {f.path for f in client.list_logged_model_artifacts(model.model_id)} == {"model.safetensors", "result.json"}
-        assert {a.path for a in client.list_artifacts(model.source_run_id)} == {"config.json", "result.json"}
-    return client, runs
-
-
-def test_dry_run_prints_grid_and_drops_short_points(tmp_path):
+def test_dry_run_prints_grid_and_drops_short_points(tmp_path, capsys):
     path = write_sweep(tmp_path, budgets=[1e7, 4e9])
-    proc = isoflop("sweep", str(path), "--dry-run", timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "dropped: mdm cpu-26k at 1e+07" in proc.stdout and "below train.min_steps=10" in proc.stdout
-    assert proc.stdout.count("cpu-51k") >= 2 and "4 runs" in proc.stdout
-    assert "losses measured so far: none" in proc.stdout and not (tmp_path / "mlflow.db").exists()
+    code, out, err = cli(capsys, "sweep", path, "--dry-run")
+    assert code == 0, err
+    assert "dropped: mdm cpu-26k at 1e+07" in out and "below train.min_steps=10" in out
+    assert out.count("cpu-51k") >= 2 and "4 runs" in out
+    assert "losses measured so far: none" in out and not (tmp_path / "mlflow.db").exists()
 
 
-def test_points_that_would_repeat_data_are_refused_before_anything_runs(tmp_path):
+def test_points_that_would_repeat_data_are_refused_before_anything_runs(tmp_path, capsys):
     """200k corpus tokens: cpu-26k at 1e11 FLOPs needs ~640k, over three epochs; said with field and value."""
     path = write_sweep(tmp_path, budgets=[4e9, 1e11])
-    proc = isoflop("sweep", str(path), timeout=120)
-    assert proc.returncode == 2 and not (tmp_path / "ray").exists()  # nothing launched
-    refused = [line for line in proc.stderr.splitlines() if "train.max_epochs" in line]
-    assert len(refused) == 4 and all("above train.max_epochs=1" in line for line in refused), proc.stderr
+    code, _, err = cli(capsys, "sweep", path)
+    assert code == 2 and not (tmp_path / "ray").exists()  # nothing launched
+    refused = [line for line in err.splitlines() if "train.max_epochs" in line]
+    assert len(refused) == 4 and all("above train.max_epochs=1" in line for line in refused), err
     assert any("mdm cpu-26k at 1e+11 FLOPs" in line for line in refused)
     allowed = write_sweep(tmp_path, name="again", budgets=[4e9, 1e11], train={**TRAIN, "max_epochs": 20})
-    proc = isoflop("sweep", str(allowed), "--dry-run", timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    epochs = [float(line.split()[-2]) for line in proc.stdout.splitlines()  # the columns end: epochs, eval/C
+    code, out, err = cli(capsys, "sweep", allowed, "--dry-run")
+    assert code == 0, err
+    epochs = [float(line.split()[-2]) for line in out.splitlines()  # the columns end: epochs, eval/C
               if line.startswith(("mdm", "arm"))]
     assert len(epochs) == 8 and max(epochs) > 1 and min(epochs) < 0.5
 
 
-def test_paper_sweep_dry_run():
-    proc = isoflop("sweep", "sweeps/smdm_paper.yaml", "--dry-run", timeout=120, cwd=Path(__file__).parents[1])
-    assert proc.returncode == 0, proc.stderr
+def test_paper_sweep_dry_run(capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).parents[1])  # the file's data path is relative to the repository
+    code, out, err = cli(capsys, "sweep", "sweeps/smdm_paper.yaml", "--dry-run")
+    assert code == 0, err
     for budget in ("6e+18", "1e+19", "3e+19", "6e+19", "1e+20"):
-        assert budget in proc.stdout
-    assert "smdm-" in proc.stdout and "70 runs" in proc.stdout
-    assert "epochs" in proc.stdout  # unknown ("?") until the corpus is prepared
+        assert budget in out
+    assert "smdm-" in out and "70 runs" in out
+    assert "epochs" in out  # unknown ("?") until the corpus is prepared
 
 
-def test_bad_sweep_file_reports_every_problem_at_once(tmp_path):
+def test_bad_sweep_file_reports_every_problem_at_once(tmp_path, capsys):
     path = write_sweep(tmp_path, families=["mdm", "xrm"], budgets=[1e9, -3, "lots"], models=["cpu-26k", "cpu-3k"],
                        trian={"lr": 1}, tracking_uri="http://127.0.0.1:9")
-    proc = isoflop("sweep", str(path), timeout=120)
-    assert proc.returncode == 2
+    code, _, err = cli(capsys, "sweep", path)
+    assert code == 2
     for expected in ("families.1", "'xrm'", "budgets", "unknown shape 'cpu-3k'", "trian: unknown key (did you mean 'train'?)"):
-        assert expected in proc.stderr, proc.stderr
+        assert expected in err, err
 
 
-def test_bad_data_resources_and_tracking_reported_together(tmp_path):
+def test_bad_data_resources_and_tracking_reported_together(tmp_path, capsys):
     path = write_sweep(tmp_path, data={"path": str(tmp_path / "missing")}, tracking_uri="http://127.0.0.1:9",
                        resources={"workers_per_trial": 64, "cpus_per_worker": 4})
-    proc = isoflop("sweep", str(path), timeout=120)
-    assert proc.returncode == 2
+    code, _, err = cli(capsys, "sweep", path)
+    assert code == 2
     for expected in (str(tmp_path / "missing"), "resources: a trial needs 64 workers", "tracking_uri: cannot reach"):
-        assert expected in proc.stderr, proc.stderr
+        assert expected in err, err
 
 
 def test_duplicated_points_are_an_error(tmp_path):
     path = write_sweep(tmp_path, models=["cpu-26k", {"n_layer": 1, "n_head": 2, "d_model": 40, "d_ff": 160}])
     with pytest.raises(SweepError, match="duplicated grid point"):
         expand_grid(load_sweep(path), vocab_size=300)
-
-
-class MlflowServer:
-    """`mlflow server` on a free port over a sqlite store in `folder`: stop() and start() again keep its data."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.port = folder, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.start()
-
-    def start(self) -> None:
-        from pipeline.tracking import check_server
-
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/server.db",
-             "--artifacts-destination", str(self.folder / "server-artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner: starts and stops in seconds
-        for _ in range(240):
-            try:
-                check_server(self.uri, timeout=1)
-                return
-            except TrackingError:
-                time.sleep(0.5)
-        self.stop()
-        pytest.fail(f"mlflow server at {self.uri} did not answer within 2 minutes")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, sig)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # a loaded machine: stop it the hard way
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
 
 
 @pytest.fixture
@@ -300,21 +213,53 @@ def test_killed_worker_is_restarted_from_its_checkpoint(tmp_path):
     assert "resumed at step" in runs[0].data.tags.get("isoflop.resumed", "")
 
 
+STEP_LINE = re.compile(r"step \d+/\d+")
+
+
+@pytest.fixture(scope="module")
+def one_trains_one_diverges(tmp_path_factory):
+    """A finished sweep of two variants of one point (lr searched): one trains, one diverges. (folder, output)"""
+    tmp_path = tmp_path_factory.mktemp("calm")
+    path = write_sweep(tmp_path, name="calm", families=["arm"], budgets=[4e9], models=["cpu-26k"],
+                       train={**TRAIN, "lr": [3e-3, 1e6], "grad_clip": 0.0})
+    return tmp_path, path, isoflop("sweep", str(path), timeout=300)
+
+
 @pytest.mark.slow
-def test_diverged_point_is_marked_failed_and_not_retried(tmp_path):
-    train = {**TRAIN, "lr": 1e6, "grad_clip": 0.0}
-    path = write_sweep(tmp_path, name="mini-nan", families=["arm"], budgets=[4e9], models=["cpu-26k"], train=train)
-    first = isoflop("sweep", str(path))
-    assert first.returncode == 1 and "1 diverged" in first.stdout, first.stdout[-3000:]
-    _, runs = child_runs(f"sqlite:///{tmp_path}/mlflow.db", "mini-nan")
-    assert [r.info.status for r in runs] == ["FAILED"]
-    assert runs[0].data.tags["isoflop.failure_reason"].startswith("diverged")
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    assert client.get_run(runs[0].data.tags["mlflow.parentRunId"]).info.status == "FAILED"  # the sweep's run too
-    assert list((tmp_path / "ray").glob(f"mini-nan-*/{runs[0].info.run_name}"))  # Tune's trial folder, by run name
-    again = isoflop("sweep", str(path))
-    assert again.returncode == 1 and "1 failed" in again.stdout and "0 to run" in again.stdout
-    assert len(child_runs(f"sqlite:///{tmp_path}/mlflow.db", "mini-nan")[1]) == 1
+@pytest.mark.xdist_group("one-trains-one-diverges")  # the two tests read one sweep: run it once
+def test_sweep_output_is_calm_and_each_point_logs_to_its_file(one_trains_one_diverges):
+    """The driver's output (not a terminal) has `[sweep]` lines and no step lines; each point's steps are in its
+    log file, whose path is printed for the one that failed."""
+    tmp_path, _, proc = one_trains_one_diverges
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]  # the diverged point fails the sweep
+    assert "[sweep]" in proc.stdout and "1 trained, 1 diverged" in proc.stdout, output[-3000:]
+    assert not STEP_LINE.search(output) and "repeated" not in output and "Configuration for experiment" not in output
+    logs = sorted((tmp_path / "ray" / "logs").glob("*.log"))
+    assert len(logs) == 2
+    texts = {log: log.read_text() for log in logs}
+    trained = [log for log, text in texts.items() if "step 101/101" in text]
+    assert len(trained) == 1 and len(STEP_LINE.findall(texts[trained[0]])) == 21  # 101 steps: 20 windows of 5, then the last
+    diverged = next(log for log in logs if log not in trained)
+    assert f"; its log: {diverged}" in proc.stdout
+    assert Path(diverged).name.startswith("arm-cpu-26k-4.00e+09-")
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("one-trains-one-diverges")
+def test_diverged_point_is_marked_failed_and_not_retried(one_trains_one_diverges, capsys):
+    tmp_path, path, _ = one_trains_one_diverges
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _, runs = child_runs(uri, "calm")
+    diverged = [r for r in runs if r.info.status == "FAILED"]
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
+    assert diverged[0].data.tags["isoflop.failure_reason"].startswith("diverged")
+    client = MlflowClient(uri)
+    assert client.get_run(diverged[0].data.tags["mlflow.parentRunId"]).info.status == "FAILED"  # the sweep's run too
+    assert list((tmp_path / "ray").glob(f"calm-*/{diverged[0].info.run_name}"))  # Tune's trial folder, by run name
+    code, out, _ = cli(capsys, "sweep", path)  # nothing left to run: no Ray start, so in this process
+    assert code == 1 and "1 finished, 1 failed" in out and "0 to run" in out
+    assert len(child_runs(uri, "calm")[1]) == 2
 
 
 def test_sizes_rule_brackets_the_predicted_optimum(tmp_path):

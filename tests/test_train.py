@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import write_word_jsonl
+from conftest import cli, write_word_jsonl
 
 from pipeline.data.synthetic import synthetic
 from pipeline.recipe import RunSpec, TrainConfig
@@ -121,7 +121,7 @@ def test_train_command_ranks_and_zero_stages(request, tmp_path, workers, zero, d
     (["--set", "batch_size=7", "--workers", "2"], "train.batch_size: 7 is not a multiple"),
     (["--data", "/nonexistent/data"], "/nonexistent/data"),
 ])
-def test_bad_train_input_fails_fast_with_a_named_field(corpus, tmp_path, args, message):
+def test_bad_train_input_fails_fast_with_a_named_field(corpus, tmp_path, capsys, args, message):
     base = {"--family": "arm", "--model": "cpu-26k", "--flops": "1e10", "--data": str(corpus), "--out": str(tmp_path / "o")}
     extra = []
     for flag, value in zip(args[::2], args[1::2]):
@@ -129,10 +129,10 @@ def test_bad_train_input_fails_fast_with_a_named_field(corpus, tmp_path, args, m
             base[flag] = value
         else:
             extra += [flag, value]
-    proc = run_cli("train", *[x for kv in base.items() for x in kv], "--set", "seq_len=32", "--set", "batch_size=8", *extra,
-                   timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3, proc.stderr
+    code, _, err = cli(capsys, "train", *[x for kv in base.items() for x in kv], "--set", "seq_len=32",
+                       "--set", "batch_size=8", *extra)
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) <= 3, err
     assert not (tmp_path / "o").exists()
 
 

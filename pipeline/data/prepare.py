@@ -49,18 +49,8 @@ def prepare(inputs: list[str], out: str | Path, *, tokenizer: str = "byte", val_
     """
     say = progress or (lambda line: None)
     out = Path(out)
-    if not 0 < val_fraction < 1:
-        raise DataError(f"val_fraction: must be between 0 and 1 exclusive, got {val_fraction}")
-    if seed < 0:
-        raise DataError(f"seed: must be non-negative, got {seed}")
-    if not 0 <= max_missing < 1:
-        raise DataError(f"max_missing: must be a fraction in [0, 1), got {max_missing}")
-    if not text_field:
-        raise DataError("text_field: must be a field name, got ''")
     jobs = available_cores() if jobs is None else jobs
-    if jobs < 1 or shard_tokens < 1:
-        raise DataError(f"jobs, shard_tokens: must be positive, got jobs={jobs} shard_tokens={shard_tokens}")
-    Tokenizer.check_spec(tokenizer)
+    _check_options(tokenizer, val_fraction, seed, text_field, max_missing, jobs, shard_tokens)
     files = expand(inputs)
     source = _source(files, tokenizer, text_field, val_fraction, seed)
     if not overwrite and _recorded_source(out) == source:
@@ -95,6 +85,22 @@ def prepare(inputs: list[str], out: str | Path, *, tokenizer: str = "byte", val_
                                    "without_text_field": sum(t.missing for t in tallies)},
                        "source": source}, shards=shards)
     return load_dataset(out).info
+
+
+def _check_options(tokenizer: str, val_fraction: float, seed: int, text_field: str, max_missing: float, jobs: int,
+                   shard_tokens: int) -> None:
+    """Each bad option named with its value, before any input is read."""
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction: must be between 0 and 1 exclusive, got {val_fraction}")
+    if seed < 0:
+        raise DataError(f"seed: must be non-negative, got {seed}")
+    if not 0 <= max_missing < 1:
+        raise DataError(f"max_missing: must be a fraction in [0, 1), got {max_missing}")
+    if not text_field:
+        raise DataError("text_field: must be a field name, got ''")
+    if jobs < 1 or shard_tokens < 1:
+        raise DataError(f"jobs, shard_tokens: must be positive, got jobs={jobs} shard_tokens={shard_tokens}")
+    Tokenizer.check_spec(tokenizer)
 
 
 def _count(files: list[Path], text_field: str, max_missing: float, progress: _Progress) -> list[Tally]:
