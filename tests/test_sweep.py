@@ -216,9 +216,9 @@ def test_killed_worker_is_restarted_from_its_checkpoint(tmp_path):
 STEP_LINE = re.compile(r"step \d+/\d+")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not per module: under xdist another module's tests may run between its two readers
 def one_trains_one_diverges(tmp_path_factory):
-    """A finished sweep of two variants of one point (lr searched): one trains, one diverges. (folder, output)"""
+    """A finished sweep of two variants of one point (lr searched): one trains, one diverges: (folder, file, output)."""
     tmp_path = tmp_path_factory.mktemp("calm")
     path = write_sweep(tmp_path, name="calm", families=["arm"], budgets=[4e9], models=["cpu-26k"],
                        train={**TRAIN, "lr": [3e-3, 1e6], "grad_clip": 0.0})
