@@ -2,9 +2,9 @@
 
 Defaults are the SMDM recipe; tiny CPU runs override what they must (batch, context, lr, warmup).
 Overrides come as dot-free `key=value` strings (`--set lr=1e-3`) parsed as YAML scalars.
-Each recipe field says on itself what it is to a run's identity: by default part of it; `NOT_IDENTITY` for
-keys that change no result; `added(before)` for keys added after runs were finished, which leave the hash
-alone while they hold the value those runs had.
+Each recipe field says on itself what it is to a run's identity: by default part of it; SPEED_OR_BOOKKEEPING
+for keys that change no result (collected in NOT_IDENTITY); `added(before)` for keys added after runs were
+finished, which leave the hash alone while they hold the value those runs had (collected in ADDED_KEYS).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""What many test modules share: one tiny recipe and corpus, the trained pair of tiny models, sweep files and
-the `isoflop` command in a child process, an MLflow server, and the check that a sweep logged each point once."""
+"""What many test modules share: one tiny recipe, the trained pair of tiny models, sweep files, the `isoflop`
+command in a child process, an MLflow server, and the check that a sweep logged each point once."""
 import os
 import signal
 import subprocess
@@ -42,6 +42,12 @@ def isoflop(*args, timeout=900, env=None, **kwargs):
     env = {**os.environ, "RAY_DEDUP_LOGS": "0", **(env or {})}
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, **kwargs)
+
+
+def start_sweep(path: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """`isoflop sweep PATH ARGS` as a child process that runs on while the test acts on it; stderr goes to stdout."""
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(path), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
 
 
 def child_runs(uri: str, experiment: str):

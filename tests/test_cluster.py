@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import TRAIN, assert_one_finished_run_per_point, isoflop, larger_corpus, write_sweep
+from helpers import TRAIN, assert_one_finished_run_per_point, isoflop, larger_corpus, start_sweep, write_sweep
 
 from pipeline.training.distributed import free_port
 
@@ -107,8 +107,7 @@ def test_lost_node_resumes_its_point_from_the_last_checkpoint(tmp_path, cluster)
     path = write_sweep(tmp_path, name="nodes", families=["arm"], budgets=[1e10, 3e10], models=["cpu-26k"], train=train,
                        data=larger_corpus(tmp_path), resources={"workers_per_trial": 2, "cpus_per_worker": 1,
                                                                 "max_failures": 2})
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(path), "--address", cluster.address],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **AUTH})
+    driver = start_sweep(path, "--address", cluster.address, env=AUTH)
     deadline, killed = time.time() + 600, False
     while time.time() < deadline and driver.poll() is None and not killed:
         if latest_checkpoint(tmp_path / "ray"):

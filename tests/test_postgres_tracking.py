@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TRAIN, assert_one_finished_run_per_point, write_sweep
+from helpers import TRAIN, assert_one_finished_run_per_point, start_sweep, write_sweep
 
 from pipeline.data.synthetic import synthetic
 from pipeline.errors import TrackingError
@@ -143,14 +143,9 @@ def postgres_mlflow():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def start_sweep(path: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
-
-
 def run_together(server: PostgresMlflow, *paths: Path) -> list[str]:
     """Start every sweep at once, wait for all; each must exit 0. Returns their outputs."""
-    drivers = [start_sweep(path) for path in paths]
+    drivers = [start_sweep(path, env={"RAY_DEDUP_LOGS": "0"}) for path in paths]
     try:
         outputs = [driver.communicate(timeout=600)[0] for driver in drivers]
     finally:

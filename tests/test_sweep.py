@@ -3,8 +3,6 @@ import json
 import math
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import psutil
 import pytest
 from conftest import cli, write_word_jsonl
 from helpers import (TRAIN, MlflowServer, assert_one_finished_run_per_point, child_runs, isoflop, larger_corpus,
-                     write_sweep)
+                     start_sweep, write_sweep)
 from mlflow.tracking import MlflowClient
 
 from pipeline.data.synthetic import synthetic
@@ -118,8 +116,7 @@ def test_sweep_rides_out_a_tracking_server_restart(tmp_path):
     try:
         path = write_sweep(tmp_path, name="mini-blip", families=["arm"], budgets=[8e9, 3e10], tracking_uri=server.uri,
                            data=larger_corpus(tmp_path))
-        driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(path)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
+        driver = start_sweep(path)
         deadline = time.time() + 600
         while time.time() < deadline and driver.poll() is None and not list((tmp_path / "ray").glob("runs/*/checkpoints")):
             time.sleep(0.5)
@@ -143,8 +140,7 @@ def test_sigkilled_driver_loses_nothing_on_rerun(tmp_path):
     path = write_sweep(tmp_path, name="mini-kill", families=["mdm"], budgets=[4e9, 1.2e11], train=train,
                        data=larger_corpus(tmp_path))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    driver = start_sweep(path)
     # wait until one point has finished and an unfinished one has written a checkpoint, then kill the driver
     deadline = time.time() + 600
     while time.time() < deadline and driver.poll() is None:
@@ -194,8 +190,7 @@ def test_killed_worker_is_restarted_from_its_checkpoint(tmp_path):
     path = write_sweep(tmp_path, name="mini-worker", families=["arm"], budgets=[3e10], models=["cpu-26k"], train=train,
                        data=larger_corpus(tmp_path),
                        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_failures": 2})
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    driver = start_sweep(path)
     killed = False
     deadline = time.time() + 600
     while time.time() < deadline and driver.poll() is None and not killed:
@@ -314,8 +309,7 @@ def test_two_sweeps_share_one_store_and_a_prepared_corpus_works(tmp_path):
     common = dict(budgets=[4e9], models=["cpu-26k", "cpu-51k"], tracking_uri=uri)
     sweeps = [write_sweep(tmp_path, name="text", families=["arm"], data=str(tmp_path / "text"), **common),
               write_sweep(tmp_path, name="synth", families=["mdm"], **common)]
-    drivers = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(p)], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for p in sweeps]
+    drivers = [start_sweep(p) for p in sweeps]
     outputs = [d.communicate(timeout=900)[0] for d in drivers]
     for driver, output in zip(drivers, outputs):
         assert driver.returncode == 0, output[-3000:]
@@ -345,8 +339,7 @@ def test_two_sweeps_started_together_on_one_point_train_it_once(tmp_path):
         (tmp_path / side).mkdir()
         sweeps.append(write_sweep(tmp_path / side, name="same", families=["arm"], budgets=[8e9], models=["cpu-26k"],
                                   data=str(tmp_path / "data"), tracking_uri=uri, storage=str(tmp_path / side / "ray")))
-    drivers = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(p)], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for p in sweeps]
+    drivers = [start_sweep(p) for p in sweeps]
     outputs = [d.communicate(timeout=900)[0] for d in drivers]
     for driver, output in zip(drivers, outputs):
         assert driver.returncode == 0, output[-3000:]

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from conftest import cli, write_word_jsonl
+from helpers import isoflop
 
 from pipeline.data.synthetic import synthetic
 from pipeline.recipe import RunSpec, TrainConfig
@@ -78,16 +79,13 @@ def test_tiny_models_learn_well_below_log_v(corpus, tmp_path, family):
     assert (tmp_path / "model.safetensors").exists() and json.loads((tmp_path / "result.json").read_text())["result"]["steps"] == 150
 
 
-def run_cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def prepared_text(tmp_path_factory):
     """A user corpus through `isoflop data prepare`: jsonl documents, byte tokenizer."""
     folder = tmp_path_factory.mktemp("text")
     write_word_jsonl(folder / "docs.jsonl", 400)
-    proc = run_cli("data", "prepare", str(folder / "docs.jsonl"), "--out", str(folder / "prepared"), "--val-fraction", "0.1")
+    proc = isoflop("data", "prepare", str(folder / "docs.jsonl"), "--out", str(folder / "prepared"), "--val-fraction", "0.1",
+                   timeout=600)
     assert proc.returncode == 0, proc.stderr
     return folder / "prepared"
 
@@ -99,13 +97,13 @@ def test_train_command_ranks_and_zero_stages(request, tmp_path, workers, zero, d
     args = ["train", "--family", "arm", "--model", "{n_layer: 1, n_head: 2, d_model: 32}", "--flops", "1.5e9",
             "--data", str(corpus), "--out", str(out), "--workers", str(workers), "--zero-stage", str(zero),
             "--set", "seq_len=32", "--set", "batch_size=8", "--set", "warmup_min_steps=2", "--set", "val_blocks=4"]
-    proc = run_cli(*args)
+    proc = isoflop(*args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {"family", "params", "tokens", "flops", "steps", "val_loss"} <= set(result)
     assert result["world_size"] == workers and result["steps"] == round(1.5e9 / (6 * result["params"] * 256))
     assert "tok/s" in proc.stdout and "ETA" in proc.stdout
-    again = run_cli(*args)  # a finished run is not trained twice
+    again = isoflop(*args, timeout=600)  # a finished run is not trained twice
     assert again.returncode == 0 and "nothing to do" in again.stderr
     assert json.loads(again.stdout.strip().splitlines()[-1]) == result
 
@@ -178,10 +176,10 @@ def test_compiled_training_runs_on_cpu_and_saves_the_models_own_weights(corpus, 
     from pipeline.use.loading import load_trained
 
     out = tmp_path / "compiled"
-    proc = run_cli("train", "--family", "mdm", "--model", "{n_layer: 1, n_head: 2, d_model: 32}", "--flops", "1.5e9",
+    proc = isoflop("train", "--family", "mdm", "--model", "{n_layer: 1, n_head: 2, d_model: 32}", "--flops", "1.5e9",
                    "--data", str(corpus), "--out", str(out), "--set", "seq_len=32", "--set", "batch_size=8",
                    "--set", "warmup_min_steps=2", "--set", "val_blocks=4", "--set", "eval_samples=2",
-                   "--set", "compile=true")
+                   "--set", "compile=true", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert math.isfinite(result["val_loss"])
