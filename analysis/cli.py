@@ -15,7 +15,7 @@ from analysis.plots import plot_all, plot_metrics
 from analysis.report import headline, write_fits, write_report
 from analysis.runs import attach_to_sweep, clean, conform, eval_columns, from_mlflow, parse_map, read_table, write_table
 from analysis.study import Settings, analyze
-from pipeline.errors import RunsError
+from pipeline.errors import IsoflopError, RunsError
 from pipeline.mlflow_keys import DEFAULT_TRACKING_URI, resolve_uri
 
 
@@ -27,7 +27,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
     parser.add_argument("--map", action="append", metavar="COLUMN=NAME", default=[],
                         help="read schema column COLUMN from the table's column NAME, e.g. loss=val_loss (repeatable)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder for fits.json, report.md and figures")
+    parser.add_argument("--out", metavar="DIR",
+                        help="folder for fits.json, report.md and figures (default: results/NAME/analysis, NAME the "
+                             "experiment or the runs table's file name)")
     parser.add_argument("--reference", default="arm", help="family the compute gap is measured against (default arm)")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES, metavar="R",
                         help=f"bootstrap resamples (default {DEFAULT_RESAMPLES}; 0 for no intervals)")
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         table, source, notes = _load(args)
         settings = _from_table(settings, table, notes)
         _check_metrics(args.metric, table)
-    except RunsError as err:
+    except IsoflopError as err:  # bad options, a bad table, an unreachable tracking server
         print(f"isoflop analyze: error: {err}", file=sys.stderr)
         return 2
     for note in notes:
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     study = analyze(table, settings)
     study.notes[:0] = notes
-    out = Path(args.out)
+    out = Path(args.out or f"results/{args.experiment or Path(args.runs).stem}/analysis")
     out.mkdir(parents=True, exist_ok=True)
     write_table(table, out / "runs.csv")
     figures = plot_all(study, out)
@@ -84,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.cli", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m analysis.cli") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     configure_parser(parser)
     return run(parser.parse_args(argv))
 

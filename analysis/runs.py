@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import RunsError
-from pipeline.mlflow_keys import EVAL_PREFIX, FINISHED, HASH_TAG, SWEEP_TAG, VARIANT_TAG
+from pipeline.mlflow_keys import EVAL_PREFIX, FINISHED, HASH_TAG, SWEEP_TAG, VARIANT_TAG, check_server
 
 REQUIRED = ("budget", "params", "loss")
 COLUMNS = ("family", "budget", "params", "tokens", "loss", "run_id", "status", "flops_convention",
@@ -196,6 +196,7 @@ def from_mlflow(experiment: str, tracking_uri: str | None = None, finished_only:
     """One row per grid-point run of an MLflow experiment (runs tagged with the run hash), in the schema."""
     from mlflow.tracking import MlflowClient
 
+    check_server(tracking_uri)
     client = MlflowClient(tracking_uri)
     try:
         found = client.get_experiment_by_name(experiment)

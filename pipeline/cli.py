@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["analyze"]:
         from analysis.cli import main as analyze
 
-        return analyze(argv[1:])
+        return analyze(argv[1:], prog="isoflop analyze")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

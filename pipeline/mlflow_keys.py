@@ -1,6 +1,7 @@
 """How a grid point appears in MLflow: the names the sweep writes and the analysis reads, and the default store.
 
-Imports nothing of the project (nor MLflow), so the analysis package can share it without pulling in training.
+Imports nothing of the project but its errors (nor MLflow), so the analysis package can share it without pulling
+in training.
 """
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import functools
 import os
 import sys
 from pathlib import Path
+
+from pipeline.errors import TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's own default store
 EARLIER_DEFAULT_URI = "sqlite:///mlruns.db"   # isoflop's default before it followed MLflow's
@@ -37,6 +40,20 @@ def resolve_uri(uri: str | None = None, default: str = DEFAULT_TRACKING_URI) -> 
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(_sqlite_file(uri).resolve())
     return uri
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds on a tracking server that does not answer, before a command spends anything: the MLflow
+    client alone retries a refused connection for minutes. Stores that are not servers pass unchecked."""
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            response.read()
+    except OSError as err:
+        raise TrackingError(f"tracking_uri: cannot reach {uri}: {getattr(err, 'reason', err)}") from None
 
 
 @functools.cache

@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 
 from pipeline.errors import TrackingError
-from pipeline.mlflow_keys import FAILED, FINISHED, HASH_TAG, PARENT_TAG, REASON_TAG, RESUMED_TAG, SWEEP_TAG, VARIANT_TAG
+from pipeline.mlflow_keys import (FAILED, FINISHED, HASH_TAG, PARENT_TAG, REASON_TAG, RESUMED_TAG, SWEEP_TAG, VARIANT_TAG,
+                                  check_server)
 from pipeline.model.flops import BudgetPlan
 from pipeline.recipe import RunSpec
 
@@ -25,8 +26,7 @@ def prepare_store(uri: str, experiment: str) -> str:
     one sqlite file take turns through a lock file; the database gets write-ahead logging so trials and
     other sweeps read while one writes.
     """
-    if uri.startswith(("http://", "https://")):
-        check_server(uri)
+    check_server(uri)
     if not uri.startswith("sqlite:///"):
         return _get_or_create_experiment(uri, experiment, None)
     import fcntl
@@ -54,17 +54,6 @@ def _get_or_create_experiment(uri: str, experiment: str, artifact_location: str 
         return client.create_experiment(experiment, artifact_location=artifact_location)
     except Exception:  # another sweep created it in the meantime
         return client.get_experiment_by_name(experiment).experiment_id
-
-
-def check_server(uri: str, timeout: float = 5.0) -> None:
-    """Fail in seconds on a server that is down (the MLflow client itself retries for minutes)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
-            response.read()
-    except OSError as err:
-        raise TrackingError(f"tracking_uri: cannot reach {uri}: {getattr(err, 'reason', err)}") from None
 
 
 def find_run(client: MlflowClient, experiment_id: str, run_hash: str):
@@ -240,8 +229,7 @@ def grid_point_runs(uri: str, experiment: str, where: str = "") -> list | None:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return []
     try:
-        if uri.startswith(("http://", "https://")):
-            check_server(uri)
+        check_server(uri)
         client = MlflowClient(uri)
         found = client.get_experiment_by_name(experiment)
         query = f"tags.`{HASH_TAG}` != ''" + (f" and {where}" if where else "")

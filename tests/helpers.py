@@ -102,7 +102,7 @@ class MlflowServer:
         self.start()
 
     def start(self) -> None:
-        from pipeline.tracking import check_server
+        from pipeline.mlflow_keys import check_server
 
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/server.db",

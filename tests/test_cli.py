@@ -2,6 +2,7 @@
 import pytest
 
 import pipeline.cli as cli
+from conftest import cli as isoflop_here
 from pipeline.errors import DataError, IsoflopError, RunsError
 
 
@@ -51,3 +52,23 @@ def test_default_store_is_mlflows_and_an_earlier_default_store_stays_found(tmp_p
     (tmp_path / "mlflow.db").write_bytes(b"")  # once MLflow's default exists, it wins
     assert resolve_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert resolve_uri("sqlite:///other.db") == f"sqlite:///{tmp_path / 'other.db'}"
+
+
+@pytest.mark.parametrize("command", [
+    ["analyze", "--experiment", "x"],
+    ["runs", "--experiment", "x", "--out", "runs.csv"],
+    ["sample", "--run", "abc", "--prompt", "1"],
+    ["export", "--run", "abc", "--out", "exported"],
+    ["eval", "--run", "abc", "--tasks", "synthetic_choice"],
+])
+def test_an_unreachable_tracking_server_fails_in_seconds_naming_it(tmp_path, monkeypatch, capsys, command):
+    """A refused connection is one line and exit 2 in seconds; the MLflow client alone retries it for minutes."""
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    start = time.monotonic()
+    code, _, err = isoflop_here(capsys, *command, "--tracking-uri", "http://127.0.0.1:1")
+    assert code == 2 and time.monotonic() - start < 15
+    assert err.strip() == f"isoflop {command[0]}: error: tracking_uri: cannot reach http://127.0.0.1:1: " \
+                          "[Errno 111] Connection refused", err
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -21,7 +21,7 @@ from helpers import TRAIN, assert_one_finished_run_per_point, start_sweep, write
 
 from pipeline.data.synthetic import synthetic
 from pipeline.errors import TrackingError
-from pipeline.tracking import check_server
+from pipeline.mlflow_keys import check_server
 from pipeline.training.distributed import free_port
 from pipeline.use.loading import load_from_mlflow
 
