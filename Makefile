@@ -11,7 +11,7 @@ DEMO   ?= results/demo
 # fixture (a Ray cluster, a Postgres server, one finished sweep) stay in one process (xdist_group marks).
 TEST_WORKERS ?= 2
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo gpu-bundle clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -39,6 +39,10 @@ demo: $(STAMP)
 	@echo "Sample or score a run (ids: isoflop runs ... --out runs.csv): $(VENV)/bin/isoflop sample --run RUN_ID" \
 		"--tracking-uri sqlite:///$(DEMO)/mlflow.db --prompt '450 3';  isoflop score --run RUN_ID ... --tasks $(DEMO)/data/tasks.jsonl;" \
 		" isoflop eval --run RUN_ID ... --tasks synthetic_choice (lm-eval; logs eval/synthetic_choice/acc to the run)"
+
+# Wheels for a GPU machine with no network (Python 3.12 image): then `bash benchmarks/gpu_check.sh` there
+gpu-bundle: $(STAMP)
+	$(PY) benchmarks/gpu_bundle.py --out .whl
 
 clean:
 	rm -rf $(VENV) results

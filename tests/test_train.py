@@ -91,18 +91,29 @@ def prepared_text(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers,zero,data", [(2, 2, "prepared_text"), (2, 2, "corpus"), (1, 3, "corpus")])
-def test_train_command_ranks_and_zero_stages(request, tmp_path, workers, zero, data):
+@pytest.mark.parametrize("workers,zero,precision,data", [(2, 2, "fp32", "prepared_text"), (2, 2, "bf16", "corpus"),
+                                                         (2, 3, "bf16", "corpus")])
+def test_train_command_ranks_and_zero_stages(request, tmp_path, workers, zero, precision, data):
+    """What a multi-GPU node runs, on CPU ranks over gloo: ZeRO-2 and ZeRO-3 (parameters sharded), bf16."""
+    from safetensors.torch import load_file
+
+    from pipeline.training.run_folder import RunFolder
+
     out, corpus = tmp_path / "run", request.getfixturevalue(data)
     args = ["train", "--family", "arm", "--model", "{n_layer: 1, n_head: 2, d_model: 32}", "--flops", "1.5e9",
             "--data", str(corpus), "--out", str(out), "--workers", str(workers), "--zero-stage", str(zero),
-            "--set", "seq_len=32", "--set", "batch_size=8", "--set", "warmup_min_steps=2", "--set", "val_blocks=4"]
+            "--set", "seq_len=32", "--set", "batch_size=8", "--set", "warmup_min_steps=2", "--set", "val_blocks=4",
+            "--set", f"precision={precision}"]
     proc = isoflop(*args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {"family", "params", "tokens", "flops", "steps", "val_loss"} <= set(result)
     assert result["world_size"] == workers and result["steps"] == round(1.5e9 / (6 * result["params"] * 256))
     assert "tok/s" in proc.stdout and "ETA" in proc.stdout
+    weights = load_file(out / "model.safetensors")  # whole fp32 tensors, gathered from the ranks' shards
+    assert weights["blocks.0.attn.qkv.weight"].shape == (96, 32)
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert RunFolder(out).load().model.blocks[0].mlp.down.weight.shape == (32, 128)
     again = isoflop(*args, timeout=600)  # a finished run is not trained twice
     assert again.returncode == 0 and "nothing to do" in again.stderr
     assert json.loads(again.stdout.strip().splitlines()[-1]) == result
