@@ -23,13 +23,14 @@ NEEDED = ["torch", "numpy", "yaml", "safetensors", "pydantic", "hjson", "deepspe
 
 
 def missing_modules() -> list[str]:
-    missing = []
+    """Each module that cannot be found, once, with the first needed module that imports it."""
+    missing: dict[str, str] = {}
     for name in NEEDED:
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as err:
-            missing.append(f"{err.name} (needed by {name})" if err.name != name else name)
-    return missing
+            missing.setdefault(err.name, err.name if err.name == name else f"{err.name} (needed by {name})")
+    return list(missing.values())
 
 
 def measure(args: argparse.Namespace, table: Path) -> None:
