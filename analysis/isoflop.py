@@ -51,6 +51,9 @@ class BucketOptimum:
     d_opt_ci: tuple[float, float] | None = None
     l_opt_ci: tuple[float, float] | None = None
     tokens_per_param_ci: tuple[float, float] | None = None  # D*/N*
+    edge_side: str | None = None  # "smaller" or "larger": where an edge curve's optimum lies, for the next grid
+    lowest: tuple[float, float, float] | None = None  # (N, D, loss) of the lowest measured point
+    resamples_dropped: int = 0  # resamples with no minimum, left out of the intervals
 
     @property
     def tokens_per_param(self) -> float | None:
@@ -176,15 +179,23 @@ def fit_curve(budget: float, params: np.ndarray, log_d: np.ndarray, samples: np.
     if sizes.max() / sizes.min() > WIDEST_SPAN:
         notes.append(f"{family}: C={budget:.3g} samples sizes over a {sizes.max() / sizes.min():.0f}x range; "
                      "grids wider than about ±8x around N* bias the parabola's optimum (docs/method.md §6)")
-    q, xs, ls, lds, ok = _parabolas(np.log(params), log_d, samples, weights)
-    note = None
-    if not ok[0]:
-        note = _edge_reason(q, xs[0], sizes)
-        notes.append(f"{family}: C={budget:.3g} optimum at the edge ({note}); excluded from the power-law fits")
-    ci = [_ci(v[1:], ok[1:]) if rows > 1 else None for v in (xs, lds, ls, lds - xs)]
+    q, xs, ls, lds, ok, minimum = _parabolas(np.log(params), log_d, samples, weights)
+    lowest = int(np.argmin(samples[0]))
+    base.update(lowest=(float(params[lowest]), float(np.exp(log_d[lowest])), float(samples[0, lowest])),
+                parabola=tuple(float(v) for v in q), resamples_dropped=int((~minimum[1:]).sum()))
+    # Intervals over every resample with a minimum, wherever it lies: keeping only those inside the sizes
+    # would cut the distribution at the edge and could leave the estimate outside its own interval.
+    ci = [_ci(v[1:], minimum[1:]) if rows > 1 else None for v in (xs, lds, ls, lds - xs)]
+    side, reason = _edge(q, xs[0], sizes, params[lowest])
+    outside = [name for name, c, e in zip(("N*", "D*", "L*", "D*/N*"), ci, (xs[0], lds[0], ls[0], lds[0] - xs[0]))
+               if c is not None and not c[0] <= e <= c[1]]
+    if reason is None and outside:
+        reason = f"unstable: the fit's {', '.join(outside)} lies outside its bootstrap interval"
+    if reason is not None:
+        notes.append(f"{family}: C={budget:.3g} optimum at the edge ({reason}); excluded from the power-law fits")
+        return CurveFit(BucketOptimum(**base, edge=True, note=reason, edge_side=side), np.stack([xs, lds, ls]), ok)
     bucket = BucketOptimum(
-        **base, edge=not ok[0], note=note, parabola=tuple(float(v) for v in q),
-        n_opt=float(np.exp(xs[0])), d_opt=float(np.exp(lds[0])), l_opt=float(ls[0]),
+        **base, edge=False, n_opt=float(np.exp(xs[0])), d_opt=float(np.exp(lds[0])), l_opt=float(ls[0]),
         n_opt_ci=_exp(ci[0]), d_opt_ci=_exp(ci[1]), l_opt_ci=ci[2], tokens_per_param_ci=_exp(ci[3]))
     return CurveFit(bucket, np.stack([xs, lds, ls]), ok)
 
@@ -287,9 +298,10 @@ def _weighting_note(weighted: list[bool], family: str) -> str:
 def _parabolas(x, log_d, losses, weights=None):
     """Quadratic fits of loss on ln N, one per row of `losses` (R, m), weighted by `weights` (m,) when given.
 
-    Returns the first row's parabola (q0, q1, q2 in ln N), and per row ln N*, L*, ln D* at N*, and whether
-    the minimum is interior: positive curvature and N* within the sampled sizes. Where it is not, L* is the
-    parabola's lowest value over the sampled sizes (at one end), not its vertex.
+    Returns the first row's parabola (q0, q1, q2 in ln N), and per row ln N*, L*, ln D* at N*, whether the
+    minimum is interior (positive curvature and N* within the sampled sizes) and whether there is a minimum at
+    all (positive curvature). Where it is not interior, L* is the parabola's lowest value over the sampled
+    sizes (at one end), not its vertex.
     """
     centre = x.mean()
     xc = x - centre
@@ -297,21 +309,38 @@ def _parabolas(x, log_d, losses, weights=None):
     with np.errstate(divide="ignore", invalid="ignore"):
         xs_c = -c[:, 1] / (2 * c[:, 2])
         ls = c[:, 0] - c[:, 1] ** 2 / (4 * c[:, 2])
-    ok = (c[:, 2] > 0) & (xs_c >= xc.min()) & (xs_c <= xc.max())
+    minimum = c[:, 2] > 0
+    ok = minimum & (xs_c >= xc.min()) & (xs_c <= xc.max())
     ends = [c[:, 0] + c[:, 1] * e + c[:, 2] * e * e for e in (xc.min(), xc.max())]
     ls = np.where(ok, ls, np.minimum(*ends))
     # ln D is linear in ln N along an IsoFLOP curve (slope -1 under C = 6ND): read D* off that line
     slope, intercept = np.polyfit(xc, log_d, 1)
     c0, c1, c2 = c[0]
     q = (c0 - c1 * centre + c2 * centre ** 2, c1 - 2 * c2 * centre, c2)
-    return q, xs_c + centre, ls, intercept + slope * xs_c, ok
+    return q, xs_c + centre, ls, intercept + slope * xs_c, ok, minimum
 
 
-def _edge_reason(q, x_star, sizes) -> str:
+def _edge(q, x_star, sizes, lowest_size) -> tuple[str | None, str | None]:
+    """(side, reason) when the data's optimum is not located inside the sampled sizes, else (None, None).
+
+    An optimum within half a grid step (half the mean spacing of the sizes in ln N) of an end, or on a curve
+    whose lowest measured loss is at an end, is an edge too: there the parabola's vertex rests on one side's
+    points only, and the true optimum may lie beyond the sizes."""
+    low, high = np.log(sizes.min()), np.log(sizes.max())
+    margin = (high - low) / (len(sizes) - 1) / 2
+    span = f"({sizes.min():.3g} to {sizes.max():.3g})"
+    end = {"smaller": "smallest sampled size", "larger": "largest sampled size"}
+    at_end = "smaller" if lowest_size == sizes.min() else "larger" if lowest_size == sizes.max() else None
     if not q[2] > 0:
-        return "the parabola opens downward or is flat: no minimum"
-    side = "below the smallest" if np.exp(x_star) < sizes.min() else "above the largest"
-    return f"N* = {np.exp(x_star):.3g} lies {side} sampled size ({sizes.min():.3g} to {sizes.max():.3g})"
+        return at_end, "the parabola opens downward or is flat: no minimum"
+    side = "smaller" if x_star < (low + high) / 2 else "larger"
+    if not low <= x_star <= high:
+        return side, f"N* = {np.exp(x_star):.3g} lies {'below' if side == 'smaller' else 'above'} the {end[side]} {span}"
+    if not low + margin <= x_star <= high - margin:
+        return side, f"N* = {np.exp(x_star):.3g} lies within half a grid step of the {end[side]} {span}"
+    if at_end is not None:
+        return at_end, f"the lowest measured loss is at the {end[at_end]} {span}"
+    return None, None
 
 
 def _loglog(log_x: np.ndarray, log_y: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -334,4 +363,5 @@ def _ci(draws: np.ndarray, ok: np.ndarray | None = None) -> tuple[float, float] 
 
 
 def _exp(ci):
-    return None if ci is None else (float(np.exp(ci[0])), float(np.exp(ci[1])))
+    with np.errstate(over="ignore"):  # a nearly flat resample's vertex: an unbounded side is inf (null in fits.json)
+        return None if ci is None else (float(np.exp(ci[0])), float(np.exp(ci[1])))

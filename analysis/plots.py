@@ -84,8 +84,8 @@ def isoflop_curves(study: Study):
             n = np.geomspace(bucket.n_range[0] / 1.3, bucket.n_range[1] * 1.3, 100)
             q0, q1, q2 = bucket.parabola
             ax.plot(n, q0 + q1 * np.log(n) + q2 * np.log(n) ** 2, color=colour, lw=1.2)
-            if bucket.edge:
-                ax.scatter([bucket.n_opt], [bucket.l_opt], marker="x", s=50, color="k", zorder=4)
+            if bucket.edge:  # no optimum located: the lowest measured point, crossed
+                ax.scatter([bucket.lowest[0]], [bucket.lowest[2]], marker="x", s=50, color="k", zorder=4)
             else:
                 xerr = _err(bucket.n_opt, bucket.n_opt_ci)
                 ax.errorbar([bucket.n_opt], [bucket.l_opt], xerr=xerr, fmt="*", ms=11, color=colour,
@@ -308,7 +308,7 @@ def plot_metrics(study: Study, metrics: list[str], out: Path) -> dict[str, list[
 
 def _optima(ax, fam, attr: str, colour: str, label: str | None = None) -> None:
     """A family's IsoFLOP optima of `attr` (n_opt, d_opt or l_opt) against C: interior ones with their
-    intervals, edge ones as crosses (shown but left out of the fits)."""
+    intervals; for edge ones, which locate no optimum, the lowest measured point as a cross (left out of the fits)."""
     ok = [b for b in fam.isoflop.buckets if b.usable]
     if ok:
         yerr = np.hstack([_err(getattr(b, attr), getattr(b, attr + "_ci")) for b in ok])
@@ -316,8 +316,9 @@ def _optima(ax, fam, attr: str, colour: str, label: str | None = None) -> None:
                     capsize=2, label=label)
     edge = [b for b in fam.isoflop.buckets if b.edge]
     if edge:
-        ax.scatter([b.budget for b in edge], [getattr(b, attr) for b in edge], marker="x", s=40, color=colour,
-                   label=f"{fam.name}: edge optimum (excluded)", zorder=4)
+        measured = {"n_opt": 0, "d_opt": 1, "l_opt": 2}[attr]
+        ax.scatter([b.budget for b in edge], [b.lowest[measured] for b in edge], marker="x", s=40, color=colour,
+                   label=f"{fam.name}: edge, lowest measured point (excluded)", zorder=4)
 
 
 def _gap_arrow(study: Study):

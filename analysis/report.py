@@ -62,7 +62,9 @@ def _family(fam: FamilyResult, s: Settings) -> dict:
 def _bucket(b: BucketOptimum) -> dict:
     return {"budget": b.budget, "n_runs": b.n_runs, "n_sizes": b.n_sizes, "n_range": b.n_range,
             "n_opt": b.n_opt, "d_opt": b.d_opt, "l_opt": b.l_opt, "tokens_per_param": b.tokens_per_param,
-            "edge": b.edge, "note": b.note,
+            "edge": b.edge, "edge_side": b.edge_side, "note": b.note,
+            "lowest_measured": None if b.lowest is None else dict(zip(("params", "tokens", "loss"), b.lowest)),
+            "resamples_dropped": b.resamples_dropped,
             "ci": {"n_opt": b.n_opt_ci, "d_opt": b.d_opt_ci, "l_opt": b.l_opt_ci,
                    "tokens_per_param": b.tokens_per_param_ci}}
 
@@ -237,10 +239,7 @@ def _family_lines(name: str, fam: FamilyResult, fj: dict, entropy: float | None)
     else:
         lines += ["| C (FLOPs) | runs | sizes | N* | D* (tokens) | D*/N* | L* | edge |", "|---|---|---|---|---|---|---|---|"]
         for b in iso.buckets:
-            edge = "yes: " + b.note if b.edge else (b.note or "no")
-            lines.append(f"| {_f(b.budget)} | {b.n_runs} | {b.n_sizes} | {_v(b.n_opt, b.n_opt_ci)} | "
-                         f"{_v(b.d_opt, b.d_opt_ci)} | {_v(b.tokens_per_param, b.tokens_per_param_ci)} | "
-                         f"{_v(b.l_opt, b.l_opt_ci)} | {edge} |")
+            lines.append(f"| {_f(b.budget)} | {b.n_runs} | {b.n_sizes} | {_bucket_cells(b)} |")
         lines.append("")
         if iso.n_opt_law is not None:
             lines += ["| law | coefficient | exponent | budgets used |", "|---|---|---|---|"]
@@ -329,6 +328,18 @@ def _f(x) -> str:
 
 def _ci(ci) -> str:
     return "n/a" if ci is None or ci[0] is None or ci[1] is None else f"[{ci[0]:.4g}, {ci[1]:.4g}]"
+
+
+def _bucket_cells(b: BucketOptimum) -> str:
+    """N*, D*, D*/N*, L* and edge cells of a budget's row: an edge locates no optimum, so it shows the reason
+    and, for L*, the lowest measured loss, named as such."""
+    dropped = f"; {b.resamples_dropped} resamples without a minimum left out" if b.resamples_dropped else ""
+    if b.edge:
+        return f"– | – | – | lowest measured: {_f(b.lowest[2])} | yes: {b.note}{dropped}"
+    if b.n_opt is None:
+        return f"– | – | – | – | {b.note}"
+    return (f"{_v(b.n_opt, b.n_opt_ci)} | {_v(b.d_opt, b.d_opt_ci)} | "
+            f"{_v(b.tokens_per_param, b.tokens_per_param_ci)} | {_v(b.l_opt, b.l_opt_ci)} | no{dropped}")
 
 
 def _v(value, ci) -> str:
