@@ -217,7 +217,8 @@ def fit_optima_laws(budgets: np.ndarray, optima: np.ndarray, mask: np.ndarray, l
         coef_ci = exponent_ci = None
         if boot:
             draws[name] = np.stack([log_coef[1:], exponent[1:]], axis=1)
-            coef_ci, exponent_ci = _exp(_ci(log_coef[1:])), _ci(exponent[1:])
+            coef_ci = _exp(_holding(log_coef[0], _ci(log_coef[1:])))
+            exponent_ci = _holding(exponent[0], _ci(exponent[1:]))
         laws[name] = PowerLaw(float(np.exp(log_coef[0])), float(exponent[0]), coef_ci, exponent_ci,
                               n_points=int(used[0].sum()))
     return laws, draws
@@ -335,7 +336,8 @@ def _edge(q, x_star, sizes, lowest_size) -> tuple[str | None, str | None]:
         return at_end, "the parabola opens downward or is flat: no minimum"
     side = "smaller" if x_star < (low + high) / 2 else "larger"
     if not low <= x_star <= high:
-        return side, f"N* = {np.exp(x_star):.3g} lies {'below' if side == 'smaller' else 'above'} the {end[side]} {span}"
+        where = "below" if side == "smaller" else "above"
+        return side, f"N* = {np.exp(x_star):.3g} lies {where} the {end[side]} {span}"
     if not low + margin <= x_star <= high - margin:
         return side, f"N* = {np.exp(x_star):.3g} lies within half a grid step of the {end[side]} {span}"
     if at_end is not None:
@@ -360,6 +362,11 @@ def _ci(draws: np.ndarray, ok: np.ndarray | None = None) -> tuple[float, float] 
     draws = np.where(ok, draws, np.nan) if ok is not None else draws
     lo, hi = interval(draws)
     return None if np.isnan(lo) else (float(lo), float(hi))
+
+
+def _holding(estimate: float, ci: tuple[float, float] | None) -> tuple[float, float] | None:
+    """The interval, or None where it leaves out its own estimate: no interval beats a misleading one."""
+    return ci if ci is not None and ci[0] <= estimate <= ci[1] else None
 
 
 def _exp(ci):

@@ -243,9 +243,11 @@ def _family_lines(name: str, fam: FamilyResult, fj: dict, entropy: float | None)
         lines.append("")
         if iso.n_opt_law is not None:
             lines += ["| law | coefficient | exponent | budgets used |", "|---|---|---|---|"]
+            left_out = f" ({iso.failed_resamples} resamples with < 2 located optima left out)" \
+                if iso.failed_resamples else ""
             for label, law in (("N*(C)", iso.n_opt_law), ("D*(C)", iso.d_opt_law), ("L*(C)", iso.l_opt_law)):
                 lines.append(f"| {label} = coef·C^exponent | {_v(law.coef, law.coef_ci)} | "
-                             f"{_v(law.exponent, law.exponent_ci)} | {law.n_points} |")
+                             f"{_v(law.exponent, law.exponent_ci)} | {law.n_points}{left_out} |")
             lines.append("")
     lines += ["### Approach 3: Chinchilla law L(N, D) = E + A/N^α + B/D^β", ""]
     p = fj["parametric"]
