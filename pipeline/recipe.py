@@ -225,9 +225,12 @@ class RunSpec(BaseModel):
     def plan(self, vocab_size: int, train_blocks: int | None = None) -> BudgetPlan:
         """Tokens, steps and (given the corpus's training blocks) epochs of this run; BudgetError when its
         budget cannot be trained as asked, DataError when it would repeat data beyond train.max_epochs."""
+        from pipeline.model.family import FAMILIES  # torch: loaded only where runs are planned
+
         recipe = self.train
         plan = plan_budget(self.budget, self.shape, vocab_size=vocab_size, seq_len=recipe.seq_len,
-                           batch_size=recipe.batch_size, convention=recipe.flops_convention, min_steps=recipe.min_steps)
+                           batch_size=recipe.batch_size, convention=recipe.flops_convention, min_steps=recipe.min_steps,
+                           head_share=FAMILIES[self.family].head_share(recipe))
         warmup = recipe.warmup_steps(plan.steps)
         if warmup >= plan.steps:
             raise BudgetError(f"budget: {self.budget:.3g} FLOPs gives {plan.steps} steps for model {self.shape.label}, "

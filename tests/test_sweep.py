@@ -38,9 +38,24 @@ def test_points_that_would_repeat_data_are_refused_before_anything_runs(tmp_path
     allowed = write_sweep(tmp_path, name="again", budgets=[4e9, 1e11], train={**TRAIN, "max_epochs": 20})
     code, out, err = cli(capsys, "sweep", allowed, "--dry-run")
     assert code == 0, err
-    epochs = [float(line.split()[-2]) for line in out.splitlines()  # the columns end: epochs, eval/C
+    epochs = [float(line.split()[-3]) for line in out.splitlines()  # the columns end: epochs, eval/C, spent/C
               if line.startswith(("mdm", "arm"))]
     assert len(epochs) == 8 and max(epochs) > 1 and min(epochs) < 0.5
+
+
+def test_dry_run_warns_where_a_budget_is_not_iso_in_spent_compute(tmp_path, capsys):
+    """At vocab 512 the LM head is most of a tiny model's compute: under 6ND, cpu-0.3k spends 2.5x what cpu-2k does."""
+    grid = dict(families=["arm"], budgets=[3e9], models=["cpu-0.3k", "cpu-2k"], train={**TRAIN, "max_epochs": 20})
+    code, out, err = cli(capsys, "sweep", write_sweep(tmp_path, **grid), "--dry-run")
+    assert code == 0, err
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "arm at 3e+09 is not iso in spent compute" in warnings[0], out
+    assert "(cpu-2k) to" in warnings[0] and "(cpu-0.3k) under flops_convention=6ND" in warnings[0]
+    assert "flops_convention: spent counts what each size spends" in warnings[0]
+    code, out, err = cli(capsys, "sweep", write_sweep(tmp_path, name="spent", flops_convention="spent", **grid),
+                         "--dry-run")
+    assert code == 0 and "warning:" not in out, out + err
+    assert [line.split()[-1] for line in out.splitlines() if line.startswith("arm")] == ["1.00", "1.00"]
 
 
 def test_paper_sweep_dry_run(capsys, monkeypatch):
@@ -94,8 +109,9 @@ def test_sweep_over_http_logs_every_point_once_and_reruns_nothing(tmp_path, mlfl
     run = runs[0]
     params = run.data.params
     for key in ("family", "budget", "model", "params", "tokens", "steps", "tokens_per_param", "flops_convention",
-                "zero_stage", "world_size", "seed", "data_fingerprint", "git_commit", "run_hash", "train.lr"):
+                "zero_stage", "world_size", "seed", "data_fingerprint", "git_commit", "run_hash", "train.lr", "flops_spent"):
         assert key in params, key
+    assert float(params["flops_spent"]) > 1.5 * float(params["flops"])  # 6ND misses the head and attention
     assert {"loss", "lr", "tokens", "flops", "tokens_per_s", "val_loss"} <= set(run.data.metrics)
     assert any("system/cpu_utilization_percentage" in r.data.metrics for r in runs)  # MLflow's own monitor
     assert run.data.tags["mlflow.parentRunId"]

@@ -166,6 +166,24 @@ def test_one_rank_group_leaves_nothing_for_child_processes_to_trip_on():
     assert child.stdout.strip() == "(0, 1)"
 
 
+@pytest.mark.parametrize("family", ["arm", "mdm"])
+def test_a_run_records_the_flops_it_spends(corpus, tmp_path, family):
+    """flops_spent: forward + backward (6 per weight) of every matrix multiply the model holds, the LM head's on
+    the positions the loss scores (the MDM's masked ones: p = (1 - eps) t + eps, t uniform, so (1 + eps) / 2 of
+    them), plus attention scores and their weighting (QK^T and AV: 2 x 2 x T x d per layer and token, x 3 with
+    backward)."""
+    from pipeline.training.run_folder import RunFolder
+
+    result = train(spec_for(family, 20, log_every=10), corpus, tmp_path, verbose=False)
+    model = RunFolder(tmp_path).load().model
+    in_blocks = sum(m.weight.numel() for m in model.blocks.modules() if isinstance(m, torch.nn.Linear))
+    scored = 1.0 if family == "arm" else (1 + TINY.mdm_eps) / 2
+    layers, d, seq_len = len(model.blocks), model.head.in_features, TINY.seq_len
+    per_token = 6 * (in_blocks + scored * model.head.weight.numel()) + 3 * 2 * 2 * seq_len * d * layers
+    assert result.flops_spent == pytest.approx(result.tokens * per_token, rel=1e-3)
+    assert json.loads((tmp_path / "result.json").read_text())["result"]["flops_spent"] == result.flops_spent
+
+
 def test_bf16_training_saves_the_fp32_master_weights(corpus, tmp_path):
     """bf16 compute keeps fp32 master weights in the optimizer; the run folder holds those, not bf16 copies."""
     from safetensors.torch import load_file

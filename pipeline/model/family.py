@@ -45,6 +45,11 @@ class Family:
         """Forward passes over each validation sequence."""
         return 1
 
+    def head_share(self, recipe: TrainConfig) -> float:
+        """The share of a training sequence's positions whose logits the loss computes, on average: what the
+        LM head spends (pipeline/model/flops.py)."""
+        return 1.0
+
     def loss(self, model: Transformer, block: torch.Tensor, noise: Masking | None = None) -> torch.Tensor:
         """Loss per sequence (nats/token) of blocks [B, seq_len + 1]."""
         raise NotImplementedError
@@ -124,6 +129,12 @@ class MDM(Family):
 
     def validation_passes(self, recipe):
         return recipe.eval_samples  # one per Monte Carlo draw of the bound
+
+    def head_share(self, recipe):
+        # the masked positions alone: p = (1 - eps) t + eps with t uniform on [0, 1], or l/L with l uniform on 1..L
+        if recipe.mdm_masking == "count":
+            return (recipe.seq_len + 1) / (2 * recipe.seq_len)
+        return (1 + recipe.mdm_eps) / 2
 
     def loss(self, model, block, noise):
         """SMDM's bound per sequence: Σ_masked CE / p over all L tokens; its expectation upper-bounds the NLL."""

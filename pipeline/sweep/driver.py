@@ -20,7 +20,7 @@ from pipeline import tracking
 from pipeline.errors import SweepError
 from pipeline.mlflow_keys import FAILED, FINISHED
 from pipeline.recipe import RunSpec
-from pipeline.sweep.grid import GridPoint, format_grid
+from pipeline.sweep.grid import GridPoint, format_grid, spent_warnings
 from pipeline.sweep.outcome import Outcome
 from pipeline.sweep.plan import (SweepPlan, format_loss_ranges, plan_sweep, resources_error, trial_resources,
                                  trials_that_fit)
@@ -43,7 +43,10 @@ def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str
         print(f"dropped: {reason}")
     if dry_run:
         print(format_grid(plan.points))
-        print(f"{len(plan.points)} runs, {sum(p.plan.flops for p in plan.points):.3g} FLOPs in all")
+        for warning in spent_warnings(plan.points):
+            print(warning)
+        print(f"{len(plan.points)} runs, {sum(p.plan.flops for p in plan.points):.3g} FLOPs in all "
+              f"({sum(p.plan.flops_spent for p in plan.points):.3g} spent)")
         print(format_loss_ranges(tracking.measured_losses(plan.tracking_uri, plan.sweep.name)))
         return 0
     todo, failed = pending_points(plan, rerun_failed)

@@ -103,7 +103,7 @@ def format_grid(points: list[GridPoint]) -> str:
     """The --dry-run table; a `variant` column, and the number of variants, when the sweep searches the recipe."""
     variants = sorted({p.variant for p in points if p.variant})
     header = (f"{'family':<7}{'budget':>10}  {'model':<14}{'N':>15}{'D (tokens)':>18}{'steps':>9}{'D/N':>8}{'epochs':>8}"
-              f"{'eval/C':>8}")
+              f"{'eval/C':>8}{'spent/C':>9}")
     header += "  variant" if variants else ""
     lines = [header, "-" * len(header)]
     for p in points:
@@ -112,7 +112,26 @@ def format_grid(points: list[GridPoint]) -> str:
         epochs = "?" if p.plan.epochs is None else f"{p.plan.epochs:.3f}"  # unknown until the data exists
         lines.append(f"{s.family:<7}{s.budget:>10.3g}  {s.shape.label:<14}{n:>15,}{p.plan.tokens:>18,}"
                      f"{p.plan.steps:>9}{p.plan.tokens / n:>8.1f}{epochs:>8}{validation_share(p):>8.2%}"
+                     f"{p.plan.flops_spent / p.plan.flops:>9.2f}"
                      + (f"  {p.variant}" if variants else ""))
     if variants:
         lines.append(f"{len(variants)} recipe variants: every grid point runs once with each")
     return "\n".join(lines)
+
+
+def spent_warnings(points: list[GridPoint], tolerance: float = 1.2) -> list[str]:
+    """One line per family and budget whose sizes spend unequal compute: a convention that leaves out the LM
+    head and attention (6ND) undercounts small models most, so their curve is not iso in what is spent."""
+    groups: dict[tuple[str, float], list[GridPoint]] = {}
+    for p in points:
+        groups.setdefault((p.spec.family, p.spec.budget), []).append(p)
+    lines = []
+    for (family, budget), members in groups.items():
+        ratios = {p.spec.shape.label: p.plan.flops_spent / p.plan.flops for p in members}
+        low, high = min(ratios, key=ratios.get), max(ratios, key=ratios.get)
+        if ratios[high] > tolerance * ratios[low]:
+            lines.append(f"warning: {family} at {budget:.3g} is not iso in spent compute: spent/C runs from "
+                         f"{ratios[low]:.2f} ({low}) to {ratios[high]:.2f} ({high}) under flops_convention="
+                         f"{members[0].spec.train.flops_convention}; flops_convention: spent counts what each size "
+                         "spends")
+    return lines

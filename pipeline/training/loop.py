@@ -18,7 +18,7 @@ import torch.distributed as dist
 from pipeline.data.dataset import TokenDataset, load_dataset
 from pipeline.errors import ConfigError, DataError
 from pipeline.model.family import FAMILIES, Family, mc_stderr, mean_and_stderr
-from pipeline.model.flops import BudgetPlan, flops_per_token
+from pipeline.model.flops import BudgetPlan
 from pipeline.model.noise import MonteCarlo
 from pipeline.model.transformer import Transformer
 from pipeline.recipe import RunSpec, TrainConfig
@@ -52,6 +52,7 @@ class TrainResult:
     seconds: float
     tokens_per_s: float
     resumed_from_step: int
+    flops_spent: float | None = None  # every matmul and attention (pipeline/model/flops.py SPENT); None: older runs
 
 
 class Reporter:
@@ -218,7 +219,7 @@ class LogWindow:
                "flops": step * plan.tokens_per_step * plan.flops_per_token, "tokens_per_s": rate}
         peak = _peak_flops(run.device) * run.world if run.device.type == "cuda" else None
         if peak:
-            row["mfu"] = rate * _real_flops_per_token(run) / peak
+            row["mfu"] = rate * run.plan.spent_per_token / peak
         if run.rank == 0:
             reporter.metrics([row])
             if verbose:
@@ -250,7 +251,8 @@ def finish(run: Run, start: int, seconds: float) -> TrainResult:
         params_total=run.params_total, budget=spec.budget, tokens=plan.tokens, flops=plan.flops,
         flops_convention=recipe.flops_convention, steps=plan.steps, val_loss=val_loss, val_stderr=val_stderr,
         val_mc_stderr=val_mc_stderr, world_size=run.world, seconds=seconds,
-        tokens_per_s=(plan.steps - start) * plan.tokens_per_step / seconds, resumed_from_step=start)
+        tokens_per_s=(plan.steps - start) * plan.tokens_per_step / seconds, resumed_from_step=start,
+        flops_spent=plan.flops_spent)
     state = master_weights(run.engine)
     if run.rank == 0:
         run.folder.write(state, spec, run.data.info, result)
@@ -326,11 +328,6 @@ def _mean_over_ranks(value: float, world: int) -> float:
     tensor = torch.tensor(value, dtype=torch.float64)
     dist.all_reduce(tensor)
     return tensor.item() / world
-
-
-def _real_flops_per_token(run: Run) -> float:
-    """For MFU: the palm count (head and attention included), whatever convention the budget uses."""
-    return flops_per_token(run.spec.shape, run.data.info.vocab_size, run.spec.train.seq_len, "palm")
 
 
 def _announce(run: Run, start: int) -> None:
