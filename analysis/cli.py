@@ -13,8 +13,9 @@ import pandas as pd
 from analysis.bootstrap import DEFAULT_RESAMPLES
 from analysis.plots import plot_all, plot_metrics
 from analysis.report import headline, write_fits, write_report
-from analysis.runs import attach_to_sweep, clean, conform, eval_columns, from_mlflow, parse_map, read_table, write_table
-from analysis.study import Settings, analyze
+from analysis.runs import (COMPUTE_AXES, attach_to_sweep, clean, conform, default_axis, eval_columns, from_mlflow,
+                          iso_note, on_axis, parse_map, read_table, write_table)
+from analysis.study import Settings, analyze, other_axis_check
 from pipeline.errors import IsoflopError, RunsError
 from pipeline.mlflow_keys import DEFAULT_TRACKING_URI, resolve_uri
 
@@ -47,6 +48,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--floor", default=None, metavar="VALUE|entropy",
                         help="fix E of the Chinchilla law to VALUE (nats/token), or to the corpus entropy rate "
                              "(--entropy-rate or the table's entropy_rate_nats), instead of fitting it")
+    parser.add_argument("--compute", choices=tuple(COMPUTE_AXES), default=None,
+                        help="the compute axis: nominal (the sweep's budgets) or spent (every run's flops_spent); "
+                             "default: spent for a sweep budgeted in spent FLOPs, else nominal")
     parser.add_argument("--metric", action="append", metavar="eval/TASK/METRIC", default=[],
                         help="also plot this downstream metric (logged by `isoflop eval`) against compute, per family "
                              "(repeatable)")
@@ -56,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
         table, source, notes = _load(args)
-        settings = _from_table(settings, table, notes)
+        settings = replace(_from_table(settings, table, notes), compute=args.compute or default_axis(table))
+        fitted = on_axis(table, settings.compute)
+        notes += iso_note(table, settings.compute, settings.budget_tolerance)
         _check_metrics(args.metric, table)
     except IsoflopError as err:  # bad options, a bad table, an unreachable tracking server
         print(f"isoflop analyze: error: {err}", file=sys.stderr)
@@ -65,8 +71,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
 
     start = time.perf_counter()
-    study = analyze(table, settings)
+    study = analyze(fitted, settings)
     study.notes[:0] = notes
+    other = "nominal" if settings.compute == "spent" else "spent"
+    if "flops_spent" in table.columns and table["flops_spent"].notna().all():
+        study.other_axis = other_axis_check(settings, study, on_axis(table, other), other)
     out = Path(args.out or f"results/{args.experiment or Path(args.runs).stem}/analysis")
     out.mkdir(parents=True, exist_ok=True)
     write_table(table, out / "runs.csv")

@@ -11,6 +11,7 @@ from analysis.bootstrap import LEVEL, interval
 from analysis.frontier import POWER_LAW, SATURATING, ComputeGap, Frontier, GapPoint
 from analysis.isoflop import BucketOptimum, PowerLaw
 from analysis.parametric import NAMES, ChinchillaLaw, ParametricFit
+from analysis.runs import COMPUTE_AXES
 from analysis.study import FamilyResult, Settings, Study
 
 SCHEMA_VERSION = 1
@@ -25,9 +26,10 @@ def fits_dict(study: Study, source: dict) -> dict:
         "input": source,
         "settings": {"reference": s.reference, "bootstrap": s.bootstrap, "seed": s.seed, "interval": LEVEL,
                      "budget_tolerance": s.budget_tolerance, "huber_delta": s.huber_delta,
-                     "holdout_largest": s.holdout_largest,
+                     "holdout_largest": s.holdout_largest, "compute": s.compute,
                      "floor": None if s.floor is None else {"value": s.floor, "source": s.floor_source}},
         "entropy_rate_nats": s.entropy_rate,
+        "other_axis": study.other_axis,
         "families": {name: _family(fam, s) for name, fam in study.families.items()},
         "compute_gap": gaps[0] if gaps else None,
         "compute_gaps": gaps,
@@ -199,7 +201,9 @@ def headline(study: Study) -> list[str]:
         reach = "; ".join(f"the {name} frontier read {_f(factor)}× {side} its measured budgets"
                           for name, (factor, side) in beyond(frontiers, p.loss).items())
         lines.append(f"{claim}: **extrapolated**, {reach} ({KIND_NAMES[gap.kind]}).")
-    return lines + loss_ranges(study, gap.kind)
+    axis = study.settings.compute
+    lines.append(f"Compute axis: {axis}, {COMPUTE_AXES[axis]}.")
+    return lines + study.other_axis + loss_ranges(study, gap.kind)
 
 
 KIND_NAMES = {POWER_LAW: "power-law frontiers through the IsoFLOP optima",

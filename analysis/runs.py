@@ -31,7 +31,7 @@ from pipeline.errors import RunsError
 from pipeline.mlflow_keys import EVAL_PREFIX, FINISHED, HASH_TAG, SWEEP_TAG, VARIANT_TAG, check_server
 
 REQUIRED = ("budget", "params", "loss")
-COLUMNS = ("family", "budget", "params", "tokens", "loss", "run_id", "status", "flops_convention",
+COLUMNS = ("family", "budget", "params", "tokens", "loss", "run_id", "status", "flops_convention", "flops_spent",
            "entropy_rate_nats", "seed", "epochs", "variant", "val_stderr", "val_mc_stderr")
 NUMERIC = ("budget", "params", "tokens", "loss")
 STDERRS = ("val_stderr", "val_mc_stderr")
@@ -186,6 +186,43 @@ def average_seeds(runs: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
     seed_losses = np.full((len(points), n.max()), np.nan)
     seed_losses[group, by.cumcount().to_numpy()] = runs["loss"].to_numpy(dtype=float)
     return points, seed_losses
+
+
+COMPUTE_AXES = {"nominal": "the sweep's budgets, in its flops_convention",
+                "spent": "spent FLOPs (every matmul, the LM head where the loss scores, attention); N = spent "
+                         "FLOPs per token / 6"}
+
+
+def default_axis(table: pd.DataFrame) -> str:
+    """The sweep's own axis: spent where every run was budgeted in spent FLOPs, else its nominal budgets."""
+    conventions = set(table["flops_convention"].dropna()) if "flops_convention" in table.columns else set()
+    return "spent" if conventions == {"spent"} else "nominal"
+
+
+def on_axis(table: pd.DataFrame, axis: str) -> pd.DataFrame:
+    """The runs with budget and size on a compute axis. nominal: as trained. spent: budget = flops_spent and
+    size N = flops_spent / (6 D), so that C = 6ND holds on that axis as every fit assumes (the size then counts
+    the LM head's and attention's FLOPs too)."""
+    if axis == "nominal":
+        return table
+    have = table["flops_spent"] if "flops_spent" in table.columns else pd.Series(np.nan, index=table.index)
+    if have.isna().any():
+        raise RunsError(f"--compute spent: {int(have.isna().sum())} of {len(table)} runs have no flops_spent (runs "
+                        "trained before isoflop recorded it, or a table without that column); use --compute nominal")
+    return table.assign(budget=have, params=have / (6 * table["tokens"]))
+
+
+def iso_note(table: pd.DataFrame, axis: str, tolerance: float) -> list[str]:
+    """Why Approach 2 finds no curves on the spent axis of a sweep budgeted in another convention."""
+    if axis != "spent":
+        return []
+    ratio = table["flops_spent"] / table["budget"]
+    spread = ratio.groupby([table["family"], table["budget"]]).agg(lambda r: r.max() / r.min()).max()
+    if spread <= 1 + tolerance:
+        return []
+    return [f"the sweep's budgets are not iso in spent compute (spent/C varies up to {spread:.3g}x within a budget): "
+            "IsoFLOP parabolas need equal compute along a curve, so on the spent axis they fit only budgets whose "
+            "runs share it, and the frontiers and gap rest on the Chinchilla law (Approach 3), which needs none"]
 
 
 def load_runs(path: str | Path, mapping: dict[str, str] | None = None) -> tuple[pd.DataFrame, list[str]]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -28,6 +28,7 @@ class Settings:
     floor: float | None = None  # E of the Chinchilla fit held at this value rather than fitted (--floor)
     floor_source: str | None = None  # where that value came from, for the report
     holdout_largest: bool = False
+    compute: str = "nominal"  # the compute axis the table's budgets and sizes are on (analysis/runs.py on_axis)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Study:
     holdout: list[HoldoutCheck]
     notes: list[str]
     skipped_gaps: list[SkippedGap] = field(default_factory=list)
+    other_axis: list[str] = field(default_factory=list)  # where the gap on the other compute axis leaves the band
 
 
 def analyze(table: pd.DataFrame, settings: Settings, log: Callable[[str], None] = print) -> Study:
@@ -226,3 +228,21 @@ def _say(messages: list[str], notes: list[str], log) -> None:
     for message in messages:
         log(f"note: {message}")
         notes.append(message)
+
+
+def other_axis_check(settings: Settings, study: Study, moved: pd.DataFrame, axis: str) -> list[str]:
+    """The gaps measured again with the runs on the other compute axis (`moved`, point estimates only), each one
+    that falls outside this axis's band said with both numbers."""
+    at = tuple(p.loss for gap in study.gaps[:1] for p in gap.at)
+    twin = analyze(moved, replace(settings, compute=axis, bootstrap=0, holdout_largest=False, gap_at=at),
+                   log=lambda message: None)
+    lines = []
+    for gap in study.gaps:
+        match = [g for g in twin.gaps if (g.reference, g.other, g.kind) == (gap.reference, gap.other, gap.kind)]
+        for here, there in zip(gap.at, match[0].at if match else []):
+            if None in (here.lo, here.hi, here.gap, there.gap) or here.lo <= there.gap <= here.hi:
+                continue
+            lines.append(f"On {axis} FLOPs the {gap.other}/{gap.reference} gap at L = {here.loss:.3g} is "
+                         f"{there.gap:.3g}x, outside this axis's 95% band {here.lo:.3g}-{here.hi:.3g} (here "
+                         f"{here.gap:.3g}x, {gap.kind.replace('_', ' ')} frontiers).")
+    return lines
