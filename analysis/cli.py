@@ -12,7 +12,7 @@ import pandas as pd
 
 from analysis.bootstrap import DEFAULT_RESAMPLES
 from analysis.plots import plot_all, plot_metrics
-from analysis.report import headline, write_fits, write_report
+from analysis.report import headline, sweep_note, write_fits, write_report
 from analysis.runs import attach_to_sweep, clean, conform, eval_columns, from_mlflow, parse_map, read_table, write_table
 from analysis.study import Settings, analyze
 from pipeline.errors import RunsError
@@ -78,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"analysis done in {time.perf_counter() - start:.1f} s")
     print(f"wrote {out / 'fits.json'}, {out / 'report.md'} and {len(figures)} figures (PNG + PDF) in {out}/")
     if args.experiment:
-        parents = attach_to_sweep(args.experiment, resolve_uri(args.tracking_uri), out)
-        print(f"attached them to the sweep's MLflow run ({', '.join(parents)}) under analysis/" if parents else
+        parents = attach_to_sweep(args.experiment, resolve_uri(args.tracking_uri), out, sweep_note(study, figures))
+        print(f"attached them to the sweep's MLflow run ({', '.join(parents)}) under analysis/, the headline as its "
+              "description" if parents else
               f"note: experiment {args.experiment} has no sweep run to attach the outputs to")
     return 0
 

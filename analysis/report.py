@@ -200,6 +200,33 @@ def headline(study: Study) -> list[str]:
     return lines + loss_ranges(study, gap.kind)
 
 
+def sweep_note(study: Study, figures: dict[str, list[Path]]) -> str:
+    """The sweep run's description in MLflow's UI (markdown): the answer, the compute axis, and the files attached
+    under analysis/."""
+    names = ["report.md", "fits.json", "runs.csv", *(p.name for paths in figures.values() for p in paths[:1])]
+    return "\n".join(["**IsoFLOP analysis** (`isoflop analyze`)", "", *headline(study), "",
+                      f"Compute axis: {compute_axis(study)}.", "",
+                      "Under `analysis/`: " + ", ".join(f"`{name}`" for name in names) + " (each figure also as PDF)."])
+
+
+CONVENTION_NAMES = {"6ND": "C = 6ND FLOPs (6 x non-embedding parameters x tokens)",
+                    "palm": "FLOPs by the palm convention (6 x matmul parameters x tokens, plus attention)"}
+
+
+def compute_axis(study: Study) -> str:
+    """How the runs counted a budget C, from their flops_convention."""
+    found = set()
+    for fam in study.families.values():
+        if "flops_convention" in fam.runs.columns:
+            found |= {str(v) for v in fam.runs["flops_convention"].dropna().unique()}
+    if not found:
+        return "C in FLOPs as the runs table gives it (no flops_convention recorded)"
+    if len(found) > 1:
+        return f"mixed FLOP conventions ({', '.join(sorted(found))}): budgets are not comparable"
+    value = found.pop()
+    return CONVENTION_NAMES.get(value, f"C in FLOPs ({value})")
+
+
 KIND_NAMES = {POWER_LAW: "power-law frontiers through the IsoFLOP optima",
               SATURATING: "saturating frontiers of the Chinchilla laws"}
 
