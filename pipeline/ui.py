@@ -36,6 +36,8 @@ def study_urls(uri: str, base: str, experiment: str | None = None) -> list[str]:
         if experiment:
             raise TrackingError(f"--experiment {experiment}: {uri} does not exist yet (run a sweep first)")
         return [f"{base} (the store {uri} does not exist yet: it is created empty)"]
+    if uri.startswith(("http://", "https://")):  # a server has a UI of its own; its client would retry for minutes
+        return [f"{base} (the store is the server {uri}: its own UI is at that address)"]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis.cli import main as analyze
 from analysis.synthetic import TRUTH, synthetic_runs
+from pipeline.errors import TrackingError
 from pipeline.mlflow_keys import EXPERIMENT_KIND_TAG, NOTE_TAG, SWEEP_TAG, TRAINING_KIND, mark_training
 from pipeline.tracking import prepare_store
 from pipeline.training.distributed import free_port
@@ -106,6 +107,7 @@ def test_ui_names_the_study_and_a_sweeps_run(tmp_path):
     missing = f"sqlite:///{tmp_path}/none.db"
     assert study_urls(missing, base)[0].startswith(f"{base} (the store")
     assert not (tmp_path / "none.db").exists()  # reading it did not create it
+    assert "its own UI" in study_urls("http://127.0.0.1:1", base)[0]  # at once: no client retrying for minutes
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     ids = []
@@ -116,6 +118,8 @@ def test_ui_names_the_study_and_a_sweeps_run(tmp_path):
     assert study_urls(uri, base) == [f"first: {base}/#/experiments/{ids[0]}/runs",
                                      f"second: {base}/#/experiments/{ids[1]}/runs"]
     assert study_urls(uri, base, "second") == [f"{base}/#/experiments/{ids[1]}/runs/{run}"]
+    with pytest.raises(TrackingError, match="no such experiment.*first, not-a-sweep, second"):
+        study_urls(uri, base, "frist")
     client.delete_experiment(ids[1])
     assert study_urls(uri, base) == [f"{base}/#/experiments/{ids[0]}/runs"]  # one study: its URL alone
 
