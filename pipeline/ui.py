@@ -22,10 +22,18 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 GRACE_S = 3.0  # what uvicorn's workers get to close before the tree is killed
 
 
+# MLflow 3.17's UI takes its view from its GenAI / Model training switch, set by this URL parameter or else by the
+# browser's last choice (GenAI at first); the experiment's kind tag only decides it in earlier MLflow 3 versions.
+TRAINING_VIEW = "workflowType=machine_learning"
+# The runs by name, every one on its own row (grouped by family), rather than the sweep's run alone with its
+# points folded under it, which is what the default order by start time shows.
+BY_NAME = "orderByKey=tags.%60mlflow.runName%60&orderByAsc=true"
+
+
 def experiment_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
-    """The UI's page of an experiment's runs, or of one run (routes of MLflow's single-page app)."""
-    page = f"{base}/#/experiments/{experiment_id}"
-    return f"{page}/runs/{run_id}" if run_id else f"{page}/runs"
+    """The UI's page of an experiment's runs, or of one run (routes of its single-page app), in its training view."""
+    page = f"{base}/#/experiments/{experiment_id}/runs"
+    return f"{page}/{run_id}?{TRAINING_VIEW}" if run_id else f"{page}?{TRAINING_VIEW}&{BY_NAME}"
 
 
 def study_urls(uri: str, base: str, experiment: str | None = None) -> list[str]:

@@ -115,13 +115,15 @@ def test_ui_names_the_study_and_a_sweeps_run(tmp_path):
         ids.append(client.create_experiment(name, artifact_location=(tmp_path / name).as_uri()))
         run = client.create_run(ids[-1], tags={SWEEP_TAG: name}).info.run_id
     client.create_experiment("not-a-sweep", artifact_location=(tmp_path / "other").as_uri())
-    assert study_urls(uri, base) == [f"first: {base}/#/experiments/{ids[0]}/runs",
-                                     f"second: {base}/#/experiments/{ids[1]}/runs"]
-    assert study_urls(uri, base, "second") == [f"{base}/#/experiments/{ids[1]}/runs/{run}"]
+    view = "?workflowType=machine_learning"  # MLflow 3.17's UI takes its training view from the URL, not the tag
+    runs = f"/runs{view}&orderByKey=tags.%60mlflow.runName%60&orderByAsc=true"  # every run on a row of its own
+    assert study_urls(uri, base) == [f"first: {base}/#/experiments/{ids[0]}{runs}",
+                                     f"second: {base}/#/experiments/{ids[1]}{runs}"]
+    assert study_urls(uri, base, "second") == [f"{base}/#/experiments/{ids[1]}/runs/{run}{view}"]
     with pytest.raises(TrackingError, match="no such experiment.*first, not-a-sweep, second"):
         study_urls(uri, base, "frist")
     client.delete_experiment(ids[1])
-    assert study_urls(uri, base) == [f"{base}/#/experiments/{ids[0]}/runs"]  # one study: its URL alone
+    assert study_urls(uri, base) == [f"{base}/#/experiments/{ids[0]}{runs}"]  # one study: its URL alone
 
 
 def answers(port: int) -> bool:
