@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import RunsError
-from pipeline.mlflow_keys import EVAL_PREFIX, FINISHED, HASH_TAG, NOTE_TAG, SWEEP_TAG, VARIANT_TAG, mark_training
+from pipeline.mlflow_keys import EVAL_PREFIX, FINISHED, HASH_TAG, SWEEP_TAG, VARIANT_TAG
+from pipeline.mlflow_keys import NOTE_TAG, mark_training
 
 REQUIRED = ("budget", "params", "loss")
 COLUMNS = ("family", "budget", "params", "tokens", "loss", "run_id", "status", "flops_convention",

@@ -42,19 +42,6 @@ def resolve_uri(uri: str | None = None, default: str = DEFAULT_TRACKING_URI) -> 
     return uri
 
 
-def mark_training(client, experiment) -> None:
-    """Tag an MLflow experiment (as `client.get_experiment_by_name` gives it) as model training, so MLflow 3's UI
-    opens it on its runs; a kind the UI guessed on an earlier visit is replaced. Writes only when the tag differs,
-    and a store that refuses the write (read-only, no permission) leaves the experiment as it was: the tag only
-    decides the UI's first view."""
-    if experiment.tags.get(EXPERIMENT_KIND_TAG) == TRAINING_KIND:
-        return
-    try:
-        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
-    except Exception:  # noqa: BLE001 - never worth failing a sweep or an analysis over
-        pass
-
-
 @functools.cache
 def _say_once(message: str) -> None:
     """A command may resolve the store several times; its reader needs the note once."""
@@ -63,3 +50,16 @@ def _say_once(message: str) -> None:
 
 def _sqlite_file(uri: str) -> Path:
     return Path(uri.removeprefix("sqlite:///"))
+
+
+def mark_training(client, experiment) -> None:
+    """Tag an MLflow experiment (as `client.get_experiment_by_name` gives it) as model training, which MLflow 3 UIs
+    before 3.17 open on its runs (3.17 takes the view from its URL: pipeline/ui.py); a kind the UI guessed on an
+    earlier visit is replaced. Writes only when the tag differs, and a store that refuses the write (read-only, no
+    permission) leaves the experiment as it was: the tag only decides the UI's first view."""
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) == TRAINING_KIND:
+        return
+    try:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    except Exception:  # noqa: BLE001 - never worth failing a sweep or an analysis over
+        pass

@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 
 from pipeline.errors import TrackingError
-from pipeline.mlflow_keys import (EXPERIMENT_KIND_TAG, FAILED, FINISHED, HASH_TAG, PARENT_TAG, REASON_TAG, RESUMED_TAG,
-                                  SWEEP_TAG, TRAINING_KIND, VARIANT_TAG, mark_training)
+from pipeline.mlflow_keys import FAILED, FINISHED, HASH_TAG, PARENT_TAG, REASON_TAG, RESUMED_TAG, SWEEP_TAG, VARIANT_TAG
+from pipeline.mlflow_keys import EXPERIMENT_KIND_TAG, TRAINING_KIND, mark_training
 from pipeline.model.flops import BudgetPlan
 from pipeline.recipe import RunSpec
 
