@@ -23,7 +23,7 @@ GRACE_S = 3.0  # what uvicorn's workers get to close before the tree is killed
 
 
 # MLflow 3.17's UI takes its view from its GenAI / Model training switch, set by this URL parameter or else by the
-# browser's last choice (GenAI at first); the experiment's kind tag only decides it in earlier MLflow 3 versions.
+# browser's last choice (GenAI at first); the experiment's kind tag decides it only where that switch is off.
 TRAINING_VIEW = "workflowType=machine_learning"
 # The runs by name, every one on its own row (grouped by family), rather than the sweep's run alone with its
 # points folded under it, which is what the default order by start time shows.
