@@ -55,8 +55,9 @@ def _sqlite_file(uri: str) -> Path:
 def mark_training(client, experiment) -> None:
     """Tag an MLflow experiment (as `client.get_experiment_by_name` gives it) as model training, the kind MLflow 3's
     UI opens on its runs where its GenAI / Model training switch is off (3.17.2 has it on and takes the view from
-    the URL: pipeline/ui.py); a kind the UI guessed on an earlier visit is replaced. Writes only when the tag differs, and a store that refuses the write (read-only, no
-    permission) leaves the experiment as it was: the tag only decides the UI's first view."""
+    the URL: pipeline/ui.py); a kind the UI guessed on an earlier visit is replaced. Writes only when the tag
+    differs, and a store that refuses the write (read-only, no permission) leaves the experiment as it was: the tag
+    only decides the UI's first view."""
     if experiment.tags.get(EXPERIMENT_KIND_TAG) == TRAINING_KIND:
         return
     try:
