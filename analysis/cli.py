@@ -12,7 +12,7 @@ import pandas as pd
 
 from analysis.bootstrap import DEFAULT_RESAMPLES
 from analysis.plots import plot_all, plot_metrics
-from analysis.report import headline, write_fits, write_report
+from analysis.report import headline, sweep_note, write_fits, write_report
 from analysis.runs import (COMPUTE_AXES, attach_to_sweep, clean, conform, default_axis, eval_columns, from_mlflow,
                           iso_note, on_axis, parse_map, read_table, write_table)
 from analysis.study import Settings, analyze, other_axis_check
@@ -48,7 +48,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--floor", default=None, metavar="VALUE|entropy",
                         help="fix E of the Chinchilla law to VALUE (nats/token), or to the corpus entropy rate "
                              "(--entropy-rate or the table's entropy_rate_nats), instead of fitting it")
-    parser.add_argument("--compute", choices=tuple(COMPUTE_AXES), default=None,
+    parser.add_argument("--compute", choices=COMPUTE_AXES, default=None,
                         help="the compute axis: nominal (the sweep's budgets) or spent (every run's flops_spent); "
                              "default: spent for a sweep budgeted in spent FLOPs, else nominal")
     parser.add_argument("--metric", action="append", metavar="eval/TASK/METRIC", default=[],
@@ -89,8 +89,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"analysis done in {time.perf_counter() - start:.1f} s")
     print(f"wrote {out / 'fits.json'}, {out / 'report.md'} and {len(figures)} figures (PNG + PDF) in {out}/")
     if args.experiment:
-        parents = attach_to_sweep(args.experiment, resolve_uri(args.tracking_uri), out)
-        print(f"attached them to the sweep's MLflow run ({', '.join(parents)}) under analysis/" if parents else
+        parents = attach_to_sweep(args.experiment, resolve_uri(args.tracking_uri), out, sweep_note(study, figures))
+        print(f"attached them to the sweep's MLflow run ({', '.join(parents)}) under analysis/, the headline as its "
+              "description" if parents else
               f"note: experiment {args.experiment} has no sweep run to attach the outputs to")
     return 0
 

@@ -11,7 +11,6 @@ from analysis.bootstrap import LEVEL, interval
 from analysis.frontier import POWER_LAW, SATURATING, ComputeGap, Frontier, GapPoint
 from analysis.isoflop import BucketOptimum, PowerLaw
 from analysis.parametric import NAMES, ChinchillaLaw, ParametricFit
-from analysis.runs import COMPUTE_AXES
 from analysis.study import FamilyResult, Settings, Study
 
 SCHEMA_VERSION = 1
@@ -185,7 +184,8 @@ def headline(study: Study) -> list[str]:
     losses do not meet, the extrapolated value and how far beyond the measured compute it reaches."""
     if not study.gaps:
         reason = "see the notes" if len(study.families) > 1 else "one family only"
-        return [f"**No compute gap** ({reason}).", *loss_ranges(study, POWER_LAW)]
+        return [f"**No compute gap** ({reason}).", f"Compute axis: {compute_axis(study)}.",
+                *loss_ranges(study, POWER_LAW)]
     gap, lines = study.gaps[0], []
     frontiers = {name: study.families[name].frontiers[gap.kind] for name in (gap.reference, gap.other)}
     for p in gap.at:
@@ -201,9 +201,37 @@ def headline(study: Study) -> list[str]:
         reach = "; ".join(f"the {name} frontier read {_f(factor)}× {side} its measured budgets"
                           for name, (factor, side) in beyond(frontiers, p.loss).items())
         lines.append(f"{claim}: **extrapolated**, {reach} ({KIND_NAMES[gap.kind]}).")
-    axis = study.settings.compute
-    lines.append(f"Compute axis: {axis}, {COMPUTE_AXES[axis]}.")
+    lines.append(f"Compute axis: {compute_axis(study)}.")
     return lines + study.other_axis + loss_ranges(study, gap.kind)
+
+
+def sweep_note(study: Study, figures: dict[str, list[Path]]) -> str:
+    """The sweep run's description in MLflow's UI (markdown): the answer with its compute axis, and the files
+    attached under analysis/."""
+    names = ["report.md", "fits.json", "runs.csv", *(p.name for paths in figures.values() for p in paths[:1])]
+    return "\n".join(["**IsoFLOP analysis** (`isoflop analyze`)", "", *headline(study), "",
+                      "Under `analysis/`: " + ", ".join(f"`{name}`" for name in names) + " (each figure also as PDF)."])
+
+
+CONVENTION_NAMES = {"6ND": "C = 6ND FLOPs (6 x non-embedding parameters x tokens)",
+                    "palm": "FLOPs by the palm convention (6 x matmul parameters x tokens, plus attention)",
+                    "spent": "spent FLOPs (every matmul, the LM head on the positions the loss scores, attention)"}
+
+
+def compute_axis(study: Study) -> str:
+    """What C counts: spent FLOPs (--compute spent), or the budgets as the runs counted them (flops_convention)."""
+    if study.settings.compute == "spent":
+        return CONVENTION_NAMES["spent"] + "; N is spent FLOPs per token / 6"
+    found = set()
+    for fam in study.families.values():
+        if "flops_convention" in fam.runs.columns:
+            found |= {str(v) for v in fam.runs["flops_convention"].dropna().unique()}
+    if not found:
+        return "C in FLOPs as the runs table gives it (no flops_convention recorded)"
+    if len(found) > 1:
+        return f"mixed FLOP conventions ({', '.join(sorted(found))}): budgets are not comparable"
+    value = found.pop()
+    return CONVENTION_NAMES.get(value, f"C in FLOPs ({value})")
 
 
 KIND_NAMES = {POWER_LAW: "power-law frontiers through the IsoFLOP optima",

@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import RunsError
-from pipeline.mlflow_keys import EVAL_PREFIX, FINISHED, HASH_TAG, SWEEP_TAG, VARIANT_TAG, check_server
+from pipeline.mlflow_keys import (EVAL_PREFIX, FINISHED, HASH_TAG, NOTE_TAG, SWEEP_TAG, VARIANT_TAG, check_server,
+                                  mark_training)
 
 REQUIRED = ("budget", "params", "loss")
 COLUMNS = ("family", "budget", "params", "tokens", "loss", "run_id", "status", "flops_convention", "flops_spent",
@@ -188,9 +189,7 @@ def average_seeds(runs: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
     return points, seed_losses
 
 
-COMPUTE_AXES = {"nominal": "the sweep's budgets, in its flops_convention",
-                "spent": "spent FLOPs (every matmul, the LM head where the loss scores, attention); N = spent "
-                         "FLOPs per token / 6"}
+COMPUTE_AXES = ("nominal", "spent")
 
 
 def default_axis(table: pd.DataFrame) -> str:
@@ -269,15 +268,20 @@ def from_mlflow(experiment: str, tracking_uri: str | None = None, finished_only:
     return df
 
 
-def attach_to_sweep(experiment: str, tracking_uri: str, folder: Path) -> list[str]:
-    """Log the analysis outputs in `folder` to the experiment's sweep run(s) under analysis/; their run ids."""
+def attach_to_sweep(experiment: str, tracking_uri: str, folder: Path, note: str = "") -> list[str]:
+    """Log the analysis outputs in `folder` to the experiment's sweep run(s) under analysis/, with `note` (markdown)
+    as each run's description in MLflow's UI; their run ids. Tags the experiment as model training too, as the
+    sweep does, so a store made before the tag opens on its runs."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
+    mark_training(client, found)
     parents = client.search_runs([found.experiment_id], f"tags.`{SWEEP_TAG}` != ''", max_results=100)
     for run in parents:
         client.log_artifacts(run.info.run_id, str(folder), "analysis")
+        if note:
+            client.set_tag(run.info.run_id, NOTE_TAG, note)
     return [run.info.run_id for run in parents]
 
 

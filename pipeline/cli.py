@@ -127,14 +127,12 @@ def cmd_runs(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    import subprocess
-
     from pipeline.mlflow_keys import resolve_uri
+    from pipeline.ui import serve, study_urls
 
     uri = resolve_uri(args.tracking_uri)
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)")
-    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                            "--host", "127.0.0.1", "--port", str(args.port)])
+    lines = study_urls(uri, f"http://127.0.0.1:{args.port}", args.experiment)  # before the server creates the store
+    return serve(uri, args.port, [f"store {uri}", *lines])
 
 
 def cmd_sample(args) -> int:
@@ -314,9 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="FILE.parquet or FILE.csv")
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the store in use")
+    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the store in use; prints the study's URL")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--experiment", metavar="NAME", default=None, help="print the URL of this sweep's own run")
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("sample", help="generate from a trained model (MDM reverse/confidence sampler, or ARM)")

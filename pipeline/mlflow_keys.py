@@ -22,6 +22,9 @@ RESUMED_TAG = "isoflop.resumed"
 VARIANT_TAG = "isoflop.variant"        # which searched recipe values (e.g. lr=0.002) a run tried; "" when none
 LEASE_TAG = "isoflop.lease"            # "HOST PID EXPIRY" of the trial training the point now (pipeline/sweep/leases.py)
 PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"       # a run's description in MLflow's UI; `isoflop analyze` writes the sweep run's
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # which view MLflow 3's UI opens an experiment on
+TRAINING_KIND = "custom_model_development"     # its model-training kind: the runs view, not the GenAI overview
 EVAL_PREFIX = "eval/"                  # `isoflop eval` logs eval/<task>/<metric>; the runs table keeps these columns
 
 FINISHED = "FINISHED"                  # MLflow's run statuses
@@ -64,3 +67,17 @@ def _say_once(message: str) -> None:
 
 def _sqlite_file(uri: str) -> Path:
     return Path(uri.removeprefix("sqlite:///"))
+
+
+def mark_training(client, experiment) -> None:
+    """Tag an MLflow experiment (as `client.get_experiment_by_name` gives it) as model training, the kind MLflow 3's
+    UI opens on its runs where its GenAI / Model training switch is off (3.17.2 has it on and takes the view from
+    the URL: pipeline/ui.py); a kind the UI guessed on an earlier visit is replaced. Writes only when the tag
+    differs, and a store that refuses the write (read-only, no permission) leaves the experiment as it was: the tag
+    only decides the UI's first view."""
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) == TRAINING_KIND:
+        return
+    try:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    except Exception:  # noqa: BLE001 - never worth failing a sweep or an analysis over
+        pass

@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 
 from pipeline.errors import TrackingError
-from pipeline.mlflow_keys import (FAILED, FINISHED, HASH_TAG, PARENT_TAG, REASON_TAG, RESUMED_TAG, SWEEP_TAG, VARIANT_TAG,
-                                  check_server)
+from pipeline.mlflow_keys import (EXPERIMENT_KIND_TAG, FAILED, FINISHED, HASH_TAG, PARENT_TAG, REASON_TAG, RESUMED_TAG,
+                                  SWEEP_TAG, TRAINING_KIND, VARIANT_TAG, check_server, mark_training)
 from pipeline.model.flops import BudgetPlan
 from pipeline.recipe import RunSpec
 
@@ -48,12 +48,14 @@ def _get_or_create_experiment(uri: str, experiment: str, artifact_location: str 
         found = client.get_experiment_by_name(experiment)
     except Exception as err:  # a server that does not answer, a bad scheme, ...
         raise TrackingError(f"tracking_uri: cannot reach {uri}: {str(err).splitlines()[0]}") from None
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(experiment, artifact_location=artifact_location)
-    except Exception:  # another sweep created it in the meantime
-        return client.get_experiment_by_name(experiment).experiment_id
+    if found is None:
+        try:
+            return client.create_experiment(experiment, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+        except Exception:  # another sweep created it in the meantime
+            found = client.get_experiment_by_name(experiment)
+    mark_training(client, found)  # one made before isoflop tagged its experiments
+    return found.experiment_id
 
 
 def find_run(client: MlflowClient, experiment_id: str, run_hash: str):
