@@ -128,3 +128,21 @@ class MlflowServer:
         except subprocess.TimeoutExpired:  # a loaded machine: stop it the hard way
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
+
+
+def log_study(uri: str, tmp_path: Path, experiment: str, rows: list[dict], convention: str = "6ND",
+              failed: int = 0) -> tuple[MlflowClient, str]:
+    """An experiment as a sweep leaves it (made before the kind tag existed): a parent run and one child run per
+    row (family, budget, params, tokens, loss), the first `failed` of them FAILED; returns (client, parent id)."""
+    client = MlflowClient(uri)
+    exp = client.create_experiment(experiment, artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, tags={"isoflop.sweep": experiment}, run_name=f"sweep-{experiment}").info.run_id
+    for i, row in enumerate(rows):
+        run = client.create_run(exp, tags={"isoflop.run_hash": f"h{i}", "mlflow.parentRunId": parent}).info.run_id
+        for key in ("family", "budget", "params", "tokens"):
+            client.log_param(run, key, row[key])
+        client.log_param(run, "flops_convention", convention)
+        client.log_metric(run, "val_loss", row["loss"])
+        client.set_terminated(run, "FAILED" if i < failed else "FINISHED")
+    client.set_terminated(parent, "FINISHED")
+    return client, parent

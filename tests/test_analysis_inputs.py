@@ -109,21 +109,11 @@ def test_too_few_runs_for_any_fit():
 
 
 def test_from_mlflow_reads_child_runs(tmp_path):
-    from mlflow.tracking import MlflowClient
+    from helpers import log_study
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(uri)
-    exp = client.create_experiment("sweep", artifact_location=(tmp_path / "art").as_uri())
-    parent = client.create_run(exp, tags={"isoflop.sweep": "sweep"}).info.run_id
     rows = synthetic_runs(ARM, budgets=(1e19,), sizes=3).to_dict("records")
-    for i, row in enumerate(rows):
-        run = client.create_run(exp, tags={"isoflop.run_hash": f"h{i}", "mlflow.parentRunId": parent}).info.run_id
-        for key in ("family", "budget", "params", "tokens"):
-            client.log_param(run, key, row[key])
-        client.log_param(run, "flops_convention", "6nd")
-        client.log_metric(run, "val_loss", row["loss"])
-        client.set_terminated(run, "FAILED" if i == 0 else "FINISHED")
-    client.set_terminated(parent, "FINISHED")
+    client, parent = log_study(uri, tmp_path, "sweep", rows, convention="6nd", failed=1)
 
     finished = from_mlflow("sweep", uri)
     assert len(finished) == 2 and set(finished["status"]) == {"FINISHED"}

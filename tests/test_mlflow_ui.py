@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis.cli import main as analyze
 from analysis.synthetic import TRUTH, synthetic_runs
+from helpers import log_study
 from pipeline.errors import TrackingError
 from pipeline.mlflow_keys import EXPERIMENT_KIND_TAG, NOTE_TAG, SWEEP_TAG, TRAINING_KIND, mark_training
 from pipeline.tracking import prepare_store
@@ -64,21 +65,9 @@ def test_tagging_writes_once_and_never_fails_on_a_store_that_refuses_it(tmp_path
 
 
 def logged_study(uri: str, tmp_path) -> str:
-    """An experiment as a sweep leaves it, without the kind tag (made before it existed): a parent run and the
-    runs of two families at three budgets; returns the parent's run id."""
-    client = MlflowClient(uri)
-    exp = client.create_experiment("study", artifact_location=(tmp_path / "art").as_uri())
-    parent = client.create_run(exp, tags={SWEEP_TAG: "study"}, run_name="sweep-study").info.run_id
+    """An experiment as a sweep leaves it, without the kind tag: two families at three budgets; the parent's id."""
     rows = synthetic_runs(TRUTH, budgets=(1e19, 3e19, 1e20), sizes=5, seed=0).to_dict("records")
-    for i, row in enumerate(rows):
-        run = client.create_run(exp, tags={"isoflop.run_hash": f"h{i}", "mlflow.parentRunId": parent}).info.run_id
-        for key in ("family", "budget", "params", "tokens"):
-            client.log_param(run, key, row[key])
-        client.log_param(run, "flops_convention", "6ND")
-        client.log_metric(run, "val_loss", row["loss"])
-        client.set_terminated(run, "FINISHED")
-    client.set_terminated(parent, "FINISHED")
-    return parent
+    return log_study(uri, tmp_path, "study", rows)[1]
 
 
 def test_analyze_describes_the_sweep_run_and_tags_its_experiment(tmp_path, capsys):
