@@ -16,7 +16,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
 
 from analysis.bootstrap import interval
-from analysis.runs import average_seeds
+from analysis.runs import SIZE_NAMES, average_seeds
 from analysis.study import Study
 
 FAMILY_COLOURS = {"arm": "#1f5fa8", "mdm": "#c8402a"}
@@ -97,7 +97,7 @@ def isoflop_curves(study: Study):
         ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _short_count(v)))
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("non-embedding parameters N")
+        ax.set_xlabel(SIZE_NAMES[study.settings.compute])
         ax.set_ylabel("validation loss (nats/token)")
         ax.set_title(f"{fam.name}: IsoFLOP curves", color=family_colour(fam.name, list(study.families)))
     legend = {}
@@ -186,7 +186,7 @@ def optimal_allocation(study: Study):
                         color=DEGENERATE_COLOUR if bad else colour, lw=1.5,
                         label=f"{fam.name}: ${_num(np.exp(coef))}\\,C^{{{exponent:.3f}}}$ "
                               f"(Chinchilla law{', degenerate' if bad else ''})")
-    for ax, what in zip(axes, ("optimal size N* (non-embedding parameters)", "optimal data D* (tokens)")):
+    for ax, what in zip(axes, (f"optimal size N* ({SIZE_NAMES[study.settings.compute]})", "optimal data D* (tokens)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("training compute C (FLOPs)")
@@ -251,7 +251,7 @@ def parametric_residuals(study: Study):
         delta = 100 * fam.parametric.delta
         ax.axhspan(-delta, delta, color="grey", alpha=0.25, lw=0)
         ax.set_xscale("log")
-        ax.set_xlabel("non-embedding parameters N")
+        ax.set_xlabel(SIZE_NAMES[study.settings.compute])
         ax.set_title(f"{fam.name}: Chinchilla-law residuals{' (degenerate fit)' if fam.parametric.degenerate else ''}",
                      color=family_colour(fam.name, list(study.families)))
         ax.text(0.02, 0.03, f"grey band: ±Huber δ ({fam.parametric.delta:g})", transform=ax.transAxes, fontsize=7,

@@ -11,6 +11,7 @@ from analysis.bootstrap import LEVEL, interval
 from analysis.frontier import POWER_LAW, SATURATING, ComputeGap, Frontier, GapPoint
 from analysis.isoflop import BucketOptimum, PowerLaw
 from analysis.parametric import NAMES, ChinchillaLaw, ParametricFit
+from analysis.runs import SIZE_NAMES
 from analysis.study import FamilyResult, Settings, Study
 
 SCHEMA_VERSION = 1
@@ -149,7 +150,7 @@ def _report_lines(study: Study, fits: dict, figures: dict[str, list[Path]]) -> l
              "every point has a comparison error (seed-to-seed, else the MDM bound's Monte Carlo error) is fitted "
              "weighted by it. "
              f"Budgets within {s.budget_tolerance:.0%} of each other form one IsoFLOP curve. "
-             "Losses are validation nats/token; N counts non-embedding parameters."
+             f"Losses are validation nats/token; N counts {SIZE_NAMES[s.compute]}."
              + (f" E of the Chinchilla law is fixed to {_f(s.floor)} nats/token ({s.floor_source}), not fitted."
                 if s.floor is not None else ""), ""]
     if len(study.families) > 1:  # families are compared on the validation losses their runs logged

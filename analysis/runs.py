@@ -190,6 +190,8 @@ def average_seeds(runs: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 COMPUTE_AXES = ("nominal", "spent")
+SIZE_NAMES = {"nominal": "non-embedding parameters N",  # what N counts on each axis, for labels
+              "spent": "spent parameters N (spent FLOPs per token / 6)"}
 
 
 def default_axis(table: pd.DataFrame) -> str:
