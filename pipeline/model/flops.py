@@ -82,6 +82,7 @@ def plan_budget(budget: float, shape: Shape, *, vocab_size: int, seq_len: int, b
 
 
 def budget_for_steps(shape: Shape, steps: int, *, batch_size: int, seq_len: int, vocab_size: int = 0,
-                     convention: FlopsConvention = "6ND") -> float:
-    """The budget that trains exactly `steps` steps: plan_budget's inverse (vocab_size only counts for palm)."""
-    return flops_per_token(shape, vocab_size, seq_len, convention) * batch_size * seq_len * steps
+                     convention: FlopsConvention = "6ND", head_share: float = 1.0) -> float:
+    """The budget that trains exactly `steps` steps: plan_budget's inverse (vocab_size counts for palm and spent,
+    head_share for spent)."""
+    return flops_per_token(shape, vocab_size, seq_len, convention, head_share) * batch_size * seq_len * steps

@@ -52,7 +52,7 @@ class TrainResult:
     seconds: float
     tokens_per_s: float
     resumed_from_step: int
-    flops_spent: float | None = None  # every matmul and attention (pipeline/model/flops.py SPENT); None: older runs
+    flops_spent: float | None = None  # every matmul and attention (flops.spent_flops_per_token); None: older runs
 
 
 class Reporter:
