@@ -11,10 +11,11 @@ set -euo pipefail
 WORK=${REHEARSAL_DIR:-build/gpu-rehearsal}
 PY=${PY:-.venv/bin/python}                 # the project's environment: the versions the bundle pins
 CPU_PYTHON=${CPU_PYTHON:-python3}          # a Python that the CPU torch wheel installs on
+TORCH=${TORCH:-torch==2.13.0}              # as in the Makefile: a CPU build (e.g. with a CPU wheel index)
 mkdir -p "$WORK"
 
 py312=""  # python3.12 on PATH, else pyenv's
-for candidate in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do
+for candidate in python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
     if "$candidate" -V >/dev/null 2>&1; then py312=$candidate; break; fi
 done
 if [ -z "$py312" ]; then echo "gpu_rehearsal: no Python 3.12 found" >&2; exit 3; fi
@@ -34,7 +35,7 @@ echo "== 2. gpu_check.sh on the CPU, in an environment like the image"
 env="$WORK/image-env"
 if [ ! -f "$env/.ready" ]; then
     rm -rf "$env" && "$CPU_PYTHON" -m venv "$env"
-    "$env/bin/pip" install -q torch==2.13.0
+    "$env/bin/pip" install -q $TORCH
     "$env/bin/pip" install -q -r benchmarks/gpu_image.txt
     # the image has none of these; here they can arrive as other packages' dependencies
     "$env/bin/pip" uninstall -q -y pydantic pydantic-core annotated-types typing-inspection hjson deepspeed

@@ -17,6 +17,8 @@ def test_the_gpu_check_runs_from_the_offline_bundle_and_names_a_missing_module(t
     env = {**os.environ, "REHEARSAL_DIR": str(tmp_path), "PY": sys.executable, "CPU_PYTHON": str(cpu_python)}
     proc = subprocess.run(["bash", "benchmarks/gpu_rehearsal.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=840)
+    if proc.returncode == 3 and "no Python 3.12 found" in proc.stderr:
+        pytest.skip("the rehearsal needs a Python 3.12, the GPU image's, and none is installed here")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "imports and validates: pydantic" in proc.stdout  # the Python 3.12 bundle, in a bare Python 3.12
     manifest = (tmp_path / "bundle-3.12" / "MANIFEST.txt").read_text()
