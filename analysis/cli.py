@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
         table, source, notes = _load(args)
-        settings = replace(_from_table(settings, table, notes), compute=args.compute or default_axis(table))
+        settings = replace(_from_table(settings, table, notes), compute=_axis(args.compute, table, notes))
         fitted = on_axis(table, settings.compute)
         notes += iso_note(table, settings.compute, settings.budget_tolerance)
         _check_metrics(args.metric, table)
@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     study = analyze(fitted, settings)
     study.notes[:0] = notes
-    other = "nominal" if settings.compute == "spent" else "spent"
-    if "flops_spent" in table.columns and table["flops_spent"].notna().all():
+    if default_axis(table) == "nominal" and "flops_spent" in table.columns and table["flops_spent"].notna().all():
+        other = "nominal" if settings.compute == "spent" else "spent"
         study.other_axis = other_axis_check(settings, study, on_axis(table, other), other)
     out = Path(args.out or f"results/{args.experiment or Path(args.runs).stem}/analysis")
     out.mkdir(parents=True, exist_ok=True)
@@ -100,6 +100,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m analysis.cli") ->
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     configure_parser(parser)
     return run(parser.parse_args(argv))
+
+
+def _axis(requested: str | None, table: pd.DataFrame, notes: list[str]) -> str:
+    """The compute axis to fit on: as asked, else the sweep's own; a sweep budgeted in spent FLOPs has that one."""
+    own = default_axis(table)
+    if own == "spent" and requested == "nominal":
+        notes.append("--compute nominal: this sweep's budgets are spent FLOPs, its one compute axis")
+    return "spent" if own == "spent" else requested or own
 
 
 def _settings(args: argparse.Namespace) -> Settings:

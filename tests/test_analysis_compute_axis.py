@@ -60,10 +60,9 @@ def test_a_sweep_budgeted_in_spent_flops_is_analyzed_on_them_and_finds_its_law(t
     assert all(not b["edge"] for b in arm["budgets"])
     law = TRUTH["arm"]
     assert arm["n_opt_law"]["exponent"] == pytest.approx(law.beta / (law.alpha + law.beta), abs=0.03)
+    assert fits["other_axis"] == []  # its budgets are spent FLOPs: there is no other axis
     code, _, nominal = analyze(tmp_path, capsys, spent_table(), "--compute", "nominal")
-    assert code == 0 and nominal["settings"]["compute"] == "nominal"
-    assert nominal["families"]["arm"]["isoflop"]["n_opt_law"]["exponent"] != \
-        pytest.approx(arm["n_opt_law"]["exponent"], abs=0.01)  # N without the head is another axis
+    assert code == 0 and nominal["families"]["arm"]["isoflop"]["n_opt_law"] == arm["n_opt_law"]
 
 
 def test_a_6nd_sweep_on_spent_flops_rests_on_the_chinchilla_law_and_says_where_the_axes_disagree(tmp_path, capsys):
