@@ -53,7 +53,7 @@ class BucketOptimum:
     tokens_per_param_ci: tuple[float, float] | None = None  # D*/N*
     edge_side: str | None = None  # "smaller" or "larger": where an edge curve's optimum lies, for the next grid
     lowest: tuple[float, float, float] | None = None  # (N, D, loss) of the lowest measured point
-    resamples_dropped: int = 0  # resamples with no minimum, left out of the intervals
+    resamples_at_end: int = 0  # resamples whose optimum over the sampled sizes is at an end, not a vertex
 
     @property
     def tokens_per_param(self) -> float | None:
@@ -179,25 +179,29 @@ def fit_curve(budget: float, params: np.ndarray, log_d: np.ndarray, samples: np.
     if sizes.max() / sizes.min() > WIDEST_SPAN:
         notes.append(f"{family}: C={budget:.3g} samples sizes over a {sizes.max() / sizes.min():.0f}x range; "
                      "grids wider than about ±8x around N* bias the parabola's optimum (docs/method.md §6)")
-    q, xs, ls, lds, ok, minimum = _parabolas(np.log(params), log_d, samples, weights)
+    fit = _parabolas(np.log(params), log_d, samples, weights)
+    xs, ls, lds = fit.log_n, fit.loss, fit.log_d
     lowest = int(np.argmin(samples[0]))
     base.update(lowest=(float(params[lowest]), float(np.exp(log_d[lowest])), float(samples[0, lowest])),
-                parabola=tuple(float(v) for v in q), resamples_dropped=int((~minimum[1:]).sum()))
-    # Intervals over every resample with a minimum, wherever it lies: keeping only those inside the sizes
-    # would cut the distribution at the edge and could leave the estimate outside its own interval.
-    ci = [_ci(v[1:], minimum[1:]) if rows > 1 else None for v in (xs, lds, ls, lds - xs)]
-    side, reason = _edge(q, xs[0], sizes, params[lowest])
+                parabola=tuple(float(v) for v in fit.q), resamples_at_end=int((~fit.interior[1:]).sum()))
+    # Each resample's optimum over the sampled sizes: its vertex, or the end where its parabola is lowest. Keeping
+    # only the resamples whose vertex lies inside would cut the distribution at the edge and could leave the
+    # estimate outside its own interval; counting the vertices far outside would stretch it to sizes never run.
+    ci = [_ci(v[1:]) if rows > 1 else None
+          for v in (fit.log_n_low, fit.log_d_low, ls, fit.log_d_low - fit.log_n_low)]
+    side, reason = _edge(fit.q, xs[0], sizes, params[lowest])
     outside = [name for name, c, e in zip(("N*", "D*", "L*", "D*/N*"), ci, (xs[0], lds[0], ls[0], lds[0] - xs[0]))
                if c is not None and not c[0] <= e <= c[1]]
     if reason is None and outside:
         reason = f"unstable: the fit's {', '.join(outside)} lies outside its bootstrap interval"
     if reason is not None:
         notes.append(f"{family}: C={budget:.3g} optimum at the edge ({reason}); excluded from the power-law fits")
-        return CurveFit(BucketOptimum(**base, edge=True, note=reason, edge_side=side), np.stack([xs, lds, ls]), ok)
+        return CurveFit(BucketOptimum(**base, edge=True, note=reason, edge_side=side), np.stack([xs, lds, ls]),
+                        fit.interior)
     bucket = BucketOptimum(
         **base, edge=False, n_opt=float(np.exp(xs[0])), d_opt=float(np.exp(lds[0])), l_opt=float(ls[0]),
         n_opt_ci=_exp(ci[0]), d_opt_ci=_exp(ci[1]), l_opt_ci=ci[2], tokens_per_param_ci=_exp(ci[3]))
-    return CurveFit(bucket, np.stack([xs, lds, ls]), ok)
+    return CurveFit(bucket, np.stack([xs, lds, ls]), fit.interior)
 
 
 def fit_optima_laws(budgets: np.ndarray, optima: np.ndarray, mask: np.ndarray, loss_mask: np.ndarray | None = None
@@ -296,29 +300,34 @@ def _weighting_note(weighted: list[bool], family: str) -> str:
     return f"{family}: {done} of {total} IsoFLOP parabolas weighted by 1/loss_se{rest}"
 
 
-def _parabolas(x, log_d, losses, weights=None):
-    """Quadratic fits of loss on ln N, one per row of `losses` (R, m), weighted by `weights` (m,) when given.
+class Parabolas(NamedTuple):
+    """Quadratic fits of loss on ln N, one per row of a loss matrix (row 0: the data)."""
+    q: tuple[float, float, float]  # row 0's parabola, loss = q0 + q1·lnN + q2·lnN²
+    log_n: np.ndarray  # per row, ln N* at the vertex (NaN or meaningless without a minimum)
+    loss: np.ndarray  # L*: the vertex's loss where interior, else the parabola's lowest over the sampled sizes
+    log_d: np.ndarray  # ln D* at the vertex
+    interior: np.ndarray  # positive curvature and the vertex within the sampled sizes
+    log_n_low: np.ndarray  # where the parabola is lowest over the sampled sizes: the vertex, or an end
+    log_d_low: np.ndarray  # ln D there
 
-    Returns the first row's parabola (q0, q1, q2 in ln N), and per row ln N*, L*, ln D* at N*, whether the
-    minimum is interior (positive curvature and N* within the sampled sizes) and whether there is a minimum at
-    all (positive curvature). Where it is not interior, L* is the parabola's lowest value over the sampled
-    sizes (at one end), not its vertex.
-    """
+
+def _parabolas(x, log_d, losses, weights=None) -> Parabolas:
+    """Fit every row of `losses` (R, m) over sizes x = ln N, weighted by `weights` (m,) when given."""
     centre = x.mean()
     xc = x - centre
     c = np.polynomial.polynomial.polyfit(xc, losses.T, 2, w=weights).T  # (R, 3): constant, linear, quadratic
     with np.errstate(divide="ignore", invalid="ignore"):
         xs_c = -c[:, 1] / (2 * c[:, 2])
         ls = c[:, 0] - c[:, 1] ** 2 / (4 * c[:, 2])
-    minimum = c[:, 2] > 0
-    ok = minimum & (xs_c >= xc.min()) & (xs_c <= xc.max())
+    ok = (c[:, 2] > 0) & (xs_c >= xc.min()) & (xs_c <= xc.max())
     ends = [c[:, 0] + c[:, 1] * e + c[:, 2] * e * e for e in (xc.min(), xc.max())]
-    ls = np.where(ok, ls, np.minimum(*ends))
+    low = np.where(ok, xs_c, np.where(ends[0] <= ends[1], xc.min(), xc.max()))
     # ln D is linear in ln N along an IsoFLOP curve (slope -1 under C = 6ND): read D* off that line
     slope, intercept = np.polyfit(xc, log_d, 1)
     c0, c1, c2 = c[0]
     q = (c0 - c1 * centre + c2 * centre ** 2, c1 - 2 * c2 * centre, c2)
-    return q, xs_c + centre, ls, intercept + slope * xs_c, ok, minimum
+    return Parabolas(q, xs_c + centre, np.where(ok, ls, np.minimum(*ends)), intercept + slope * xs_c, ok,
+                     low + centre, intercept + slope * low)
 
 
 def _edge(q, x_star, sizes, lowest_size) -> tuple[str | None, str | None]:
@@ -358,8 +367,7 @@ def _loglog(log_x: np.ndarray, log_y: np.ndarray, mask: np.ndarray) -> tuple[np.
     return np.where(bad, np.nan, a), np.where(bad, np.nan, b)
 
 
-def _ci(draws: np.ndarray, ok: np.ndarray | None = None) -> tuple[float, float] | None:
-    draws = np.where(ok, draws, np.nan) if ok is not None else draws
+def _ci(draws: np.ndarray) -> tuple[float, float] | None:
     lo, hi = interval(draws)
     return None if np.isnan(lo) else (float(lo), float(hi))
 
@@ -370,5 +378,4 @@ def _holding(estimate: float, ci: tuple[float, float] | None) -> tuple[float, fl
 
 
 def _exp(ci):
-    with np.errstate(over="ignore"):  # a nearly flat resample's vertex: an unbounded side is inf (null in fits.json)
-        return None if ci is None else (float(np.exp(ci[0])), float(np.exp(ci[1])))
+    return None if ci is None else (float(np.exp(ci[0])), float(np.exp(ci[1])))

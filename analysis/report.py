@@ -66,7 +66,7 @@ def _bucket(b: BucketOptimum) -> dict:
             "n_opt": b.n_opt, "d_opt": b.d_opt, "l_opt": b.l_opt, "tokens_per_param": b.tokens_per_param,
             "edge": b.edge, "edge_side": b.edge_side, "note": b.note,
             "lowest_measured": None if b.lowest is None else dict(zip(("params", "tokens", "loss"), b.lowest)),
-            "resamples_dropped": b.resamples_dropped,
+            "resamples_at_end": b.resamples_at_end,
             "ci": {"n_opt": b.n_opt_ci, "d_opt": b.d_opt_ci, "l_opt": b.l_opt_ci,
                    "tokens_per_param": b.tokens_per_param_ci}}
 
@@ -368,7 +368,7 @@ def _ci(ci) -> str:
 def _bucket_cells(b: BucketOptimum) -> str:
     """N*, D*, D*/N*, L* and edge cells of a budget's row: an edge locates no optimum, so it shows the reason
     and, for L*, the lowest measured loss, named as such."""
-    dropped = f"; {b.resamples_dropped} resamples without a minimum left out" if b.resamples_dropped else ""
+    dropped = f"; {b.resamples_at_end} resamples at an end of the sizes" if b.resamples_at_end else ""
     if b.edge:
         return f"– | – | – | lowest measured: {_f(b.lowest[2])} | yes: {b.note}{dropped}"
     if b.n_opt is None:
