@@ -231,18 +231,18 @@ def _say(messages: list[str], notes: list[str], log) -> None:
 
 
 def other_axis_check(settings: Settings, study: Study, moved: pd.DataFrame, axis: str) -> list[str]:
-    """The gaps measured again with the runs on the other compute axis (`moved`, point estimates only), each one
-    that falls outside this axis's band said with both numbers."""
-    at = tuple(p.loss for gap in study.gaps[:1] for p in gap.at)
-    twin = analyze(moved, replace(settings, compute=axis, bootstrap=0, holdout_largest=False, gap_at=at),
-                   log=lambda message: None)
+    """The headline gap measured again with the runs on the other compute axis (`moved`, point estimates, at the
+    same losses, on whichever frontier leads there): where it falls outside this axis's band, both numbers."""
+    if not study.gaps:
+        return []
+    gap = study.gaps[0]
+    twin = analyze(moved, replace(settings, compute=axis, bootstrap=0, holdout_largest=False,
+                                  gap_at=tuple(p.loss for p in gap.at)), log=lambda message: None)
     lines = []
-    for gap in study.gaps:
-        match = [g for g in twin.gaps if (g.reference, g.other, g.kind) == (gap.reference, gap.other, gap.kind)]
-        for here, there in zip(gap.at, match[0].at if match else []):
-            if None in (here.lo, here.hi, here.gap, there.gap) or here.lo <= there.gap <= here.hi:
-                continue
-            lines.append(f"On {axis} FLOPs the {gap.other}/{gap.reference} gap at L = {here.loss:.3g} is "
-                         f"{there.gap:.3g}x, outside this axis's 95% band {here.lo:.3g}-{here.hi:.3g} (here "
-                         f"{here.gap:.3g}x, {gap.kind.replace('_', ' ')} frontiers).")
+    for here, there in zip(gap.at, twin.gaps[0].at if twin.gaps else []):
+        if None in (here.lo, here.hi, here.gap, there.gap) or here.lo <= there.gap <= here.hi:
+            continue
+        lines.append(f"On {axis} FLOPs the {gap.other}/{gap.reference} gap at L = {here.loss:.3g} is {there.gap:.3g}x "
+                     f"({twin.gaps[0].kind.replace('_', ' ')} frontiers), outside this axis's 95% band "
+                     f"{here.lo:.3g}-{here.hi:.3g} (here {here.gap:.3g}x, {gap.kind.replace('_', ' ')} frontiers).")
     return lines
