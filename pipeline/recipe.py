@@ -42,7 +42,16 @@ class TrainConfig(BaseModel):
     micro_batch_size: int | None = Field(None, gt=0, description="per-rank micro batch; default batch_size / world "
                                          "size (smaller ones accumulate gradients: the same run)")
     lr: float = Field(2e-4, gt=0, description="peak learning rate; SMDM's code: 2e-4 (its paper's appendix says 4e-4)")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the cosine schedule's floor as a fraction of lr; SMDM: 0.1")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the schedule's floor as a fraction of lr; SMDM: 0.1")
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine", json_schema_extra=added("cosine"),
+        description="after warmup: cosine decay to the floor over the run (SMDM), or warmup-stable-decay: lr held, "
+                    "then decayed to the floor over the last decay_fraction of the steps")
+    decay_fraction: float = Field(0.2, gt=0, le=1, json_schema_extra=added(0.2),
+                                  description="wsd: the share of the steps spent decaying")
+    decay_shape: Literal["linear", "1-sqrt"] = Field(
+        "linear", json_schema_extra=added("linear"),
+        description="wsd: the decay's shape, lr falling linearly or as 1 - sqrt(progress) (Hagele et al. 2024)")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1; SMDM: 0.9")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2; SMDM: 0.95")
     weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay; SMDM: 0.1")
@@ -100,6 +109,15 @@ class TrainConfig(BaseModel):
         return deepspeed_settings.validate(block)
 
     @model_validator(mode="after")
+    def _decay_settings_need_wsd(self):
+        changed = [f"{key}={getattr(self, key)}" for key in ("decay_fraction", "decay_shape")
+                   if getattr(self, key) != type(self).model_fields[key].default]
+        if self.schedule == "cosine" and changed:
+            raise ValueError(f"{', '.join(changed)} shape the wsd schedule's decay; with schedule=cosine they would "
+                             "change nothing (set schedule=wsd)")
+        return self
+
+    @model_validator(mode="after")
     def _bf16_keeps_fp32_master_weights(self):
         if self.precision == "bf16" and self.zero_stage == 0:
             raise ValueError("precision=bf16 needs zero_stage >= 1: there DeepSpeed keeps fp32 master weights that the "
@@ -111,6 +129,10 @@ class TrainConfig(BaseModel):
 
     def warmup_steps(self, steps: int) -> int:
         return max(math.ceil(self.warmup_fraction * steps), self.warmup_min_steps)
+
+    def decay_steps(self, steps: int) -> int:
+        """wsd: the steps of the final decay (at least one); cosine decays from the end of warmup on."""
+        return max(1, math.ceil(self.decay_fraction * steps)) if self.schedule == "wsd" else steps
 
     def with_overrides(self, overrides: dict) -> "TrainConfig":
         return TrainConfig(**{**self.model_dump(), **overrides})

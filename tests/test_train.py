@@ -47,6 +47,28 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
     assert lrs[-1] == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("shape,at_half", [("linear", 0.55), ("1-sqrt", 1 - 0.9 * 0.5 ** 0.5)])
+def test_wsd_holds_the_rate_then_decays_over_its_last_fraction(shape, at_half):
+    """110 steps, 10 of warmup, 22 (20%) of decay: lr held over steps 10-88, then down to the floor at the last."""
+    recipe = TrainConfig(lr=1.0, warmup_fraction=0.0, warmup_min_steps=10, schedule="wsd", decay_shape=shape)
+    lrs = [lr_at(s, 110, recipe) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[10:89] == [1.0] * 79
+    assert all(a > b for a, b in zip(lrs[88:], lrs[89:])) and lrs[-1] == pytest.approx(0.1)
+    assert lrs[88 + 21 // 2] == pytest.approx(at_half, abs=0.03)  # halfway through the decay
+
+
+def test_wsd_is_a_new_recipe_and_its_settings_need_it():
+    from pipeline.model.shapes import REGISTRY
+
+    cosine = RunSpec(family="arm", shape=REGISTRY["cpu-26k"], budget=1e10, train=TINY)
+    assert cosine.run_hash == RunSpec(family="arm", shape=REGISTRY["cpu-26k"], budget=1e10,
+                                      train=TINY.with_overrides({"decay_fraction": 0.2})).run_hash
+    assert cosine.run_hash != RunSpec(family="arm", shape=REGISTRY["cpu-26k"], budget=1e10,
+                                      train=TINY.with_overrides({"schedule": "wsd"})).run_hash
+    with pytest.raises(ValueError, match="decay_fraction=0.3 shape the wsd schedule's decay"):
+        TINY.with_overrides({"decay_fraction": 0.3})
+
+
 def test_resume_after_interruption_matches_uninterrupted_run(corpus, tmp_path):
     spec = spec_for("mdm", 30, zero_stage=2, log_every=1)  # a window per step: every step's loss is compared
     whole, parts = Recorder(), Recorder()

@@ -71,13 +71,20 @@ class Reporter:
 
 
 def lr_at(step: int, steps: int, recipe: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at the last step."""
+    """Linear warmup, then down to lr * min_lr_ratio at the last step: by a cosine over the rest of the run, or
+    (wsd) held at lr and decayed over the last decay_steps, linearly or as 1 - sqrt."""
     warmup = recipe.warmup_steps(steps)
     if step < warmup:
         return recipe.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup - 1)
     floor = recipe.lr * recipe.min_lr_ratio
-    return floor + (recipe.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    start = max(warmup, steps - recipe.decay_steps(steps))
+    progress = min(1.0, max(0.0, (step - start) / max(1, steps - start - 1)))
+    if recipe.schedule == "cosine":
+        return floor + (recipe.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if step < start:
+        return recipe.lr
+    left = 1 - progress if recipe.decay_shape == "linear" else 1 - math.sqrt(progress)
+    return floor + (recipe.lr - floor) * left
 
 
 def batch_layout(recipe: TrainConfig, world_size: int) -> tuple[int, int]:
