@@ -36,7 +36,8 @@ COLUMNS = ("family", "budget", "params", "tokens", "loss", "run_id", "status", "
            "entropy_rate_nats", "seed", "epochs", "variant", "val_stderr", "val_mc_stderr")
 NUMERIC = ("budget", "params", "tokens", "loss")
 STDERRS = ("val_stderr", "val_mc_stderr")
-OPTIONAL_NUMERIC = ("entropy_rate_nats", "seed", "epochs", "flops_spent", *STDERRS)  # NaN where missing; never drop a run
+# NaN where missing; never drop a run
+OPTIONAL_NUMERIC = ("entropy_rate_nats", "seed", "epochs", "flops_spent", *STDERRS)
 POINT = ("family", "budget", "params", "variant")  # runs sharing these are replicate seeds of one point
 PER_RUN = ("run_id", "status", "seed", *STDERRS)  # columns that describe a run, not its point
 MAX_LISTED = 6  # points named in a note before "and k more"
@@ -255,7 +256,8 @@ def from_mlflow(experiment: str, tracking_uri: str | None = None, finished_only:
                          "loss": metrics.get("val_loss"), "run_id": run.info.run_id, "status": run.info.status,
                          "flops_convention": params.get("flops_convention"),
                          "entropy_rate_nats": params.get("entropy_rate_nats"), "seed": params.get("seed"),
-                         "epochs": params.get("epochs"), "flops_spent": params.get("flops_spent"), "variant": run.data.tags.get(VARIANT_TAG, ""),
+                         "epochs": params.get("epochs"), "flops_spent": params.get("flops_spent"),
+                         "variant": run.data.tags.get(VARIANT_TAG, ""),
                          "val_stderr": metrics.get("val_stderr"), "val_mc_stderr": metrics.get("val_mc_stderr"),
                          "run_hash": run.data.tags[HASH_TAG],
                          **{k: v for k, v in metrics.items() if k.startswith(EVAL_PREFIX)}})

@@ -52,7 +52,8 @@ def measure(args: argparse.Namespace, table: Path) -> None:
             for family in FAMILIES:
                 for compiled in args.compile.split(","):
                     try:
-                        cells = one_run(args, name, family, compiled == "on", data_dir, f"{tmp}/{name}-{family}-{compiled}")
+                        cells = one_run(args, name, family, compiled == "on", data_dir,
+                                        f"{tmp}/{name}-{family}-{compiled}")
                     except Exception as err:  # one failed setting must not cost the others their GPU time
                         cells = [f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}", "", ""]
                     row = f"| {name} | {family} | {compiled} | {' | '.join(cells)} |\n"

@@ -95,7 +95,8 @@ def run_params(spec: RunSpec, plan: BudgetPlan, world_size: int, data) -> dict[s
     params = {
         "family": spec.family, "budget": spec.budget, "model": shape.label, "n_layer": shape.n_layer,
         "n_head": shape.n_head, "d_model": shape.d_model, "d_ff": shape.d_ff, "params": shape.non_embedding_params(),
-        "steps": plan.steps, "tokens": plan.tokens, "flops": plan.flops, "flops_spent": plan.flops_spent, "tokens_per_param": plan.tokens / shape.non_embedding_params(),
+        "steps": plan.steps, "tokens": plan.tokens, "flops": plan.flops, "flops_spent": plan.flops_spent,
+        "tokens_per_param": plan.tokens / shape.non_embedding_params(),
         "epochs": plan.epochs,
         "world_size": world_size, "data_fingerprint": data.fingerprint, "run_hash": spec.run_hash, "git_commit": git_commit(),
         "flops_convention": spec.train.flops_convention, "zero_stage": spec.train.zero_stage, "seed": spec.train.seed,

@@ -78,5 +78,6 @@ def test_an_optimum_its_resamples_place_elsewhere_is_not_reported():
     data = 3.0 + 0.05 * np.log(n / 3e6) ** 2
     elsewhere = [3.0 + 0.05 * np.log(n / centre) ** 2 for centre in np.geomspace(4.5e6, 5e6, 40)]
     curve = fit_curve(1e16, n, np.log(1e16 / (6 * n)), np.stack([data, *elsewhere]))
-    assert curve.bucket.edge and curve.bucket.note == "unstable: the fit's N*, D*, D*/N* lies outside its bootstrap interval"
+    assert curve.bucket.edge
+    assert curve.bucket.note == "unstable: the fit's N*, D*, D*/N* lies outside its bootstrap interval"
     assert curve.bucket.n_opt is None and curve.bucket.edge_side is None

@@ -109,7 +109,8 @@ def test_sweep_over_http_logs_every_point_once_and_reruns_nothing(tmp_path, mlfl
     run = runs[0]
     params = run.data.params
     for key in ("family", "budget", "model", "params", "tokens", "steps", "tokens_per_param", "flops_convention",
-                "zero_stage", "world_size", "seed", "data_fingerprint", "git_commit", "run_hash", "train.lr", "flops_spent"):
+                "zero_stage", "world_size", "seed", "data_fingerprint", "git_commit", "run_hash", "train.lr",
+                "flops_spent"):
         assert key in params, key
     assert float(params["flops_spent"]) > float(params["flops"])  # 6ND misses the head and attention
     assert {"loss", "lr", "tokens", "flops", "tokens_per_s", "val_loss"} <= set(run.data.metrics)
