@@ -11,7 +11,7 @@ from analysis.bootstrap import LEVEL, interval
 from analysis.frontier import POWER_LAW, SATURATING, ComputeGap, Frontier, GapPoint
 from analysis.isoflop import BucketOptimum, PowerLaw
 from analysis.parametric import NAMES, ChinchillaLaw, ParametricFit
-from analysis.runs import SIZE_NAMES
+from analysis.runs import SIZE_NAMES, conventions
 from analysis.study import FamilyResult, Settings, Study
 
 SCHEMA_VERSION = 1
@@ -223,10 +223,7 @@ def compute_axis(study: Study) -> str:
     """What C counts: spent FLOPs (--compute spent), or the budgets as the runs counted them (flops_convention)."""
     if study.settings.compute == "spent":
         return CONVENTION_NAMES["spent"] + "; N is spent FLOPs per token / 6"
-    found = set()
-    for fam in study.families.values():
-        if "flops_convention" in fam.runs.columns:
-            found |= {str(v) for v in fam.runs["flops_convention"].dropna().unique()}
+    found = set().union(*(conventions(fam.runs) for fam in study.families.values()))
     if not found:
         return "C in FLOPs as the runs table gives it (no flops_convention recorded)"
     if len(found) > 1:

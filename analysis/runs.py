@@ -195,10 +195,14 @@ SIZE_NAMES = {"nominal": "non-embedding parameters N",  # what N counts on each 
               "spent": "spent parameters N (spent FLOPs per token / 6)"}
 
 
+def conventions(table: pd.DataFrame) -> set[str]:
+    """The FLOP conventions a runs table's budgets were counted in (empty where it records none)."""
+    return {str(v) for v in table["flops_convention"].dropna()} if "flops_convention" in table.columns else set()
+
+
 def default_axis(table: pd.DataFrame) -> str:
     """The sweep's own axis: spent where every run was budgeted in spent FLOPs, else its nominal budgets."""
-    conventions = set(table["flops_convention"].dropna()) if "flops_convention" in table.columns else set()
-    return "spent" if conventions == {"spent"} else "nominal"
+    return "spent" if conventions(table) == {"spent"} else "nominal"
 
 
 def on_axis(table: pd.DataFrame, axis: str) -> pd.DataFrame:

@@ -65,6 +65,11 @@ def _say_once(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def sqlite_store_missing(uri: str) -> bool:
+    """A sqlite store whose file does not exist yet: a reader answers "nothing there" rather than create it."""
+    return uri.startswith("sqlite:///") and not _sqlite_file(uri).is_file()
+
+
 def _sqlite_file(uri: str) -> Path:
     return Path(uri.removeprefix("sqlite:///"))
 

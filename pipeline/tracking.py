@@ -14,7 +14,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFL
 
 from pipeline.errors import TrackingError
 from pipeline.mlflow_keys import (EXPERIMENT_KIND_TAG, FAILED, FINISHED, HASH_TAG, PARENT_TAG, REASON_TAG, RESUMED_TAG,
-                                  SWEEP_TAG, TRAINING_KIND, VARIANT_TAG, check_server, mark_training)
+                                  SWEEP_TAG, TRAINING_KIND, VARIANT_TAG, check_server, mark_training,
+                                  sqlite_store_missing)
 from pipeline.model.flops import BudgetPlan
 from pipeline.recipe import RunSpec
 
@@ -229,7 +230,7 @@ def grid_point_runs(uri: str, experiment: str, where: str = "") -> list | None:
     """The experiment's grid-point runs (`where` narrows them, e.g. by status), read only: [] for a store or
     experiment not created yet, None when the store cannot be read (an unreachable server fails in seconds,
     where the client would retry for minutes)."""
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    if sqlite_store_missing(uri):
         return []
     try:
         check_server(uri)

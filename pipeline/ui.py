@@ -11,12 +11,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 
 from pipeline.errors import TrackingError
-from pipeline.mlflow_keys import SWEEP_TAG
+from pipeline.mlflow_keys import SWEEP_TAG, sqlite_store_missing
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 GRACE_S = 3.0  # what uvicorn's workers get to close before the tree is killed
@@ -40,7 +39,7 @@ def study_urls(uri: str, base: str, experiment: str | None = None) -> list[str]:
     """Where to look, one line each: with `experiment`, its sweep's parent run; else the runs view of each experiment
     holding an isoflop sweep ("name: URL" when there are several). A store that does not exist yet or cannot be read
     gives the UI's front page and why."""
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    if sqlite_store_missing(uri):
         if experiment:
             raise TrackingError(f"--experiment {experiment}: {uri} does not exist yet (run a sweep first)")
         return [f"{base} (the store {uri} does not exist yet: it is created empty)"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import RunFolderError
-from pipeline.mlflow_keys import check_server, resolve_uri
+from pipeline.mlflow_keys import check_server, resolve_uri, sqlite_store_missing
 from pipeline.training.run_folder import DESCRIPTION, RunFolder, TrainedModel, weights_name
 from pipeline.use.export import is_export, load_export
 
@@ -26,7 +26,7 @@ def load_from_mlflow(run_id: str, tracking_uri: str, device: str | torch.device 
 
     from pipeline.tracking import logged_models
 
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+    if sqlite_store_missing(tracking_uri):
         raise RunFolderError(f"--tracking-uri: no MLflow database at {tracking_uri.removeprefix('sqlite:///')}")
     check_server(tracking_uri)
     client = MlflowClient(tracking_uri)
