@@ -253,3 +253,19 @@ def measured_losses(uri: str, experiment: str) -> dict[str, list[float]] | None:
         if "val_loss" in run.data.metrics:
             losses.setdefault(run.data.params.get("family", "?"), []).append(run.data.metrics["val_loss"])
     return losses
+
+
+def settled_results(uri: str, experiment: str, failed_too: bool = True) -> dict[str, float | None] | None:
+    """Run hash -> validation loss of each finished grid point, and -> None for each failed one (when
+    `failed_too`): what the adaptive planner places its points from. None when the store cannot be read."""
+    runs = grid_point_runs(uri, experiment)
+    if runs is None:
+        return None
+    results: dict[str, float | None] = {}
+    for run in runs:
+        run_hash, status = run.data.tags[HASH_TAG], run.info.status
+        if status == FINISHED and "val_loss" in run.data.metrics:
+            results[run_hash] = run.data.metrics["val_loss"]
+        elif status == FAILED and failed_too:
+            results.setdefault(run_hash, None)
+    return results

@@ -20,6 +20,7 @@ from pipeline import tracking
 from pipeline.errors import SweepError
 from pipeline.mlflow_keys import FAILED, FINISHED
 from pipeline.recipe import RunSpec
+from pipeline.sweep.adaptive_search import PlannerInputs, PlannerSearch
 from pipeline.sweep.grid import GridPoint, format_grid, spent_warnings
 from pipeline.sweep.outcome import Outcome
 from pipeline.sweep.plan import (SweepPlan, format_loss_ranges, plan_sweep, resources_error, trial_resources,
@@ -39,18 +40,23 @@ def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str
     address = address or os.environ.get("RAY_ADDRESS")
     local = None if address else {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
     plan = plan_sweep(path, tracking_uri, dry_run=dry_run, cluster=None if dry_run else local)
-    for reason in plan.dropped:
+    for reason in plan.dropped if not plan.schedule else ():  # the planner's decisions say what it left out
         print(f"dropped: {reason}")
     if dry_run:
+        if plan.schedule:
+            print("\n".join(f"[planner] {line}" for line in plan.schedule.decisions))
         print(format_grid(plan.points))
         for warning in spent_warnings(plan.points):
             print(warning)
         print(f"{len(plan.points)} runs, {sum(p.plan.flops for p in plan.points):.3g} FLOPs in all "
-              f"({sum(p.plan.flops_spent for p in plan.points):.3g} spent)")
+              f"({sum(p.plan.flops_spent for p in plan.points):.3g} spent)"
+              + (" placed so far; the planner places the rest as these finish" if plan.schedule else ""))
+        if plan.schedule:
+            print("\n".join(f"waiting: {line}" for line in plan.schedule.waiting))
         print(format_loss_ranges(tracking.measured_losses(plan.tracking_uri, plan.sweep.name)))
         return 0
     todo, failed = pending_points(plan, rerun_failed)
-    if not todo:
+    if not todo and not (plan.schedule and plan.schedule.waiting):
         return 0 if not failed else 1
     client = MlflowClient(plan.tracking_uri)
     parent = tracking.open_sweep_parent(client, plan.experiment_id, plan.sweep.name, Path(path), format_grid(plan.points))
@@ -59,7 +65,9 @@ def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str
     ray.init(address=address, num_cpus=local and local["CPU"], num_gpus=local and local["GPU"],
              include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
     try:
-        results = run_trials(plan, todo, parent, quiet=not verbose)
+        searcher = plan.schedule and PlannerSearch(PlannerInputs(plan.sweep, *plan.data, plan.tracking_uri, parent,
+                                                                 rerun_failed), order=longest_first)
+        results = run_trials(plan, todo, parent, quiet=not verbose, searcher=searcher)
         outcome = [r.metrics.get("status") if r.error is None else Outcome.ERRORED for r in results]
         unfinished = len(outcome) - outcome.count(Outcome.FINISHED) - outcome.count(Outcome.SKIPPED)
         status = FAILED if unfinished or failed else FINISHED
@@ -69,6 +77,8 @@ def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str
     finally:
         ray.shutdown()
         client.set_terminated(parent, status)
+    for line in searcher.last.waiting if searcher else []:
+        print(f"not placed: {line} (rerun the sweep once that has finished)")
     diverged = outcome.count(Outcome.DIVERGED)
     print(f"sweep {plan.sweep.name}: {outcome.count(Outcome.FINISHED)} trained, {diverged} diverged, "
           f"{unfinished - diverged} errored, {outcome.count(Outcome.SKIPPED)} finished by another sweep "
@@ -95,9 +105,11 @@ def pending_points(plan: SweepPlan, rerun_failed: bool) -> tuple[list[GridPoint]
     return todo, failed
 
 
-def run_trials(plan: SweepPlan, todo: list[GridPoint], parent_run_id: str, quiet: bool = True):
+def run_trials(plan: SweepPlan, todo: list[GridPoint], parent_run_id: str, quiet: bool = True,
+               searcher: PlannerSearch | None = None):
     """One Tune trial per point on the connected Ray cluster, as many at once as its resources hold, shown
-    by a SweepProgress (a live table on a terminal, plain lines elsewhere)."""
+    by a SweepProgress (a live table on a terminal, plain lines elsewhere). The points are `todo`, or those
+    the adaptive planner's `searcher` hands out as earlier ones finish."""
     sweep = plan.sweep
     concurrent = trials_that_fit(sweep.resources, ray.cluster_resources())
     if concurrent < 1:  # a remote cluster, only known once connected
@@ -109,10 +121,11 @@ def run_trials(plan: SweepPlan, todo: list[GridPoint], parent_run_id: str, quiet
                            str(Path(sweep.data.path).resolve()), storage, sweep.resources, tuple(sweep.search), quiet)
     progress = SweepProgress(SweepBoard.of(sweep.name, (p.spec for p in todo)), storage, logs=quiet)
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), trial_resources(sweep.resources))
+    points = {} if searcher else {"param_space": {"spec": tune.grid_search([p.spec.to_dict() for p in longest_first(todo)])}}
     tuner = tune.Tuner(
-        trainable,
-        param_space={"spec": tune.grid_search([p.spec.to_dict() for p in longest_first(todo)])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True,
+        trainable, **points,
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True, search_alg=searcher,
+                                    num_samples=-1 if searcher else 1,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage,
                                   failure_config=tune.FailureConfig(max_failures=sweep.resources.max_failures),

@@ -14,7 +14,7 @@ from pipeline.model.family import FAMILIES
 from pipeline.model.flops import BudgetPlan
 from pipeline.model.shapes import CPU_SHAPES, PAPER_SHAPES, Shape, resolve_shape
 from pipeline.recipe import RunSpec, format_validation_error
-from pipeline.sweep.schema import SweepConfig, variant_label
+from pipeline.sweep.schema import SizeRule, SweepConfig, variant_label
 
 
 @dataclass(frozen=True)
@@ -40,22 +40,35 @@ def load_sweep(path: str | Path) -> SweepConfig:
         raise SweepError(f"{path}:\n" + format_validation_error(err, schema=SweepConfig)) from None
 
 
-def sizes_for_budget(budget: float, family: str, sweep: SweepConfig) -> list[Shape]:
-    """`per_budget` registry shapes log-spaced over `span` around N* = sqrt(C / (6 * tokens_per_param)).
+def ladder(rule: SizeRule) -> list[Shape]:
+    """The shapes a size rule picks from, smallest first: the registry's and the rule's own `shapes`."""
+    shapes = {*CPU_SHAPES.values(), *PAPER_SHAPES.values(), *map(resolve_shape, rule.shapes)}
+    return sorted(shapes, key=Shape.non_embedding_params)
+
+
+def sizes_around(centre: float, rule: SizeRule) -> list[Shape]:
+    """`per_budget` ladder shapes log-spaced over `span` around N = `centre`, smallest first.
 
     Each target takes the nearest shape not yet taken, so a coarse stretch of the ladder still yields
     `per_budget` distinct sizes.
     """
-    rule = sweep.sizes
-    centre = math.sqrt(budget / (6 * rule.ratio(family)))
-    ladder = list({**CPU_SHAPES, **PAPER_SHAPES}.values())
     targets = [centre * rule.span ** (i / max(1, rule.per_budget - 1) - 0.5) for i in range(rule.per_budget)]
+    return nearest_shapes(targets, ladder(rule))
+
+
+def nearest_shapes(targets: list[float], shapes: list[Shape]) -> list[Shape]:
+    """For each target N in turn, the shape of `shapes` nearest in log N not yet taken; smallest first."""
     chosen: list[Shape] = []
     for target in targets:
-        free = [s for s in ladder if s not in chosen]
+        free = [s for s in shapes if s not in chosen]
         if free:
             chosen.append(min(free, key=lambda s: abs(math.log(s.non_embedding_params() / target))))
     return sorted(chosen, key=Shape.non_embedding_params)
+
+
+def sizes_for_budget(budget: float, family: str, sweep: SweepConfig) -> list[Shape]:
+    """The sizes around N* = sqrt(C / (6 * tokens_per_param))."""
+    return sizes_around(math.sqrt(budget / (6 * sweep.sizes.ratio(family))), sweep.sizes)
 
 
 def expand_grid(sweep: SweepConfig, vocab_size: int, data_fingerprint: str = "",
@@ -65,15 +78,13 @@ def expand_grid(sweep: SweepConfig, vocab_size: int, data_fingerprint: str = "",
     and points that would repeat data beyond train.max_epochs (given the corpus's `train_blocks`), are errors,
     all listed at once."""
     points, dropped, refused, seen = [], [], [], {}
-    train = sweep.train.with_overrides({"flops_convention": sweep.flops_convention, "deepspeed": sweep.deepspeed})
     variants = sweep.variants()
     for family in sweep.families:
         for budget in sweep.budgets_for(family):
             shapes = sizes_for_budget(budget, family, sweep) if sweep.sizes else [resolve_shape(m) for m in sweep.models]
             for shape in shapes:
                 for seed, variant in product(sweep.seeds, variants):
-                    spec = RunSpec(family=family, shape=shape, budget=budget, data_fingerprint=data_fingerprint,
-                                   train=train.with_overrides({"seed": seed, **variant}))
+                    spec = point_spec(sweep, family, budget, shape, seed, variant, data_fingerprint)
                     label = variant_label(spec.train, sweep.search)
                     of_variant = f" ({label})" if label else ""
                     if spec.run_hash in seen:
@@ -89,6 +100,14 @@ def expand_grid(sweep: SweepConfig, vocab_size: int, data_fingerprint: str = "",
     if refused:
         raise SweepError("\n".join(refused))
     return points, dropped
+
+
+def point_spec(sweep: SweepConfig, family: str, budget: float, shape: Shape, seed: int, variant: dict,
+               data_fingerprint: str) -> RunSpec:
+    """The run of one grid point: the sweep's recipe with its convention, DeepSpeed block, seed and variant."""
+    train = sweep.train.with_overrides({"flops_convention": sweep.flops_convention, "deepspeed": sweep.deepspeed,
+                                        "seed": seed, **variant})
+    return RunSpec(family=family, shape=shape, budget=budget, data_fingerprint=data_fingerprint, train=train)
 
 
 def validation_share(point: GridPoint) -> float:

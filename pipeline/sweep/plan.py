@@ -13,6 +13,7 @@ from pipeline.data.dataset import load_dataset
 from pipeline.data.synthetic import synthetic
 from pipeline.errors import DataError, SweepError, TrackingError
 from pipeline.mlflow_keys import resolve_uri
+from pipeline.sweep.adaptive import Schedule, schedule
 from pipeline.sweep.grid import GridPoint, expand_grid, load_sweep
 from pipeline.sweep.schema import Resources, SweepConfig
 
@@ -28,6 +29,8 @@ class SweepPlan:
     dropped: list[str]
     tracking_uri: str
     experiment_id: str | None  # None for a dry run, which touches no store
+    data: tuple[int, str, int | None] | None = None  # (vocab, fingerprint, training blocks) the grid was planned for
+    schedule: Schedule | None = None  # an adaptive sweep's points and decisions so far
 
 
 def plan_sweep(path: str | Path, tracking_uri: str | None = None, *, dry_run: bool = False,
@@ -50,14 +53,6 @@ def plan_sweep(path: str | Path, tracking_uri: str | None = None, *, dry_run: bo
     except DataError as err:
         if not (dry_run and vocab):
             errors.append(str(err) + ("" if sweep.data.synthetic else " (prepare it with `isoflop data`)"))
-    points, dropped = [], []
-    if vocab:
-        try:
-            points, dropped = expand_grid(sweep, vocab, fingerprint, train_blocks)
-            if not points:
-                errors.append("grid: every point was dropped:\n  " + "\n  ".join(dropped))
-        except SweepError as err:
-            errors.append(str(err))
     if cluster is not None and trials_that_fit(sweep.resources, cluster) < 1:
         errors.append(resources_error(sweep.resources, cluster))
     uri, experiment_id = resolve_uri(tracking_uri, sweep.tracking_uri), None
@@ -66,9 +61,22 @@ def plan_sweep(path: str | Path, tracking_uri: str | None = None, *, dry_run: bo
             experiment_id = tracking.prepare_store(uri, sweep.name)
         except TrackingError as err:
             errors.append(str(err))
+    points, dropped, planned = [], [], None
+    if vocab:
+        try:
+            if sweep.adaptive:  # the points placed so far, from the runs finished so far
+                results = tracking.settled_results(uri, sweep.name) or {}
+                planned = schedule(sweep, vocab, results, fingerprint, train_blocks)
+                points, dropped = planned.points, planned.dropped
+            else:
+                points, dropped = expand_grid(sweep, vocab, fingerprint, train_blocks)
+            if not points:
+                errors.append("grid: every point was dropped:\n  " + "\n  ".join(dropped))
+        except SweepError as err:
+            errors.append(str(err))
     if errors:
         raise SweepError("\n".join(errors))
-    return SweepPlan(sweep, points, dropped, uri, experiment_id)
+    return SweepPlan(sweep, points, dropped, uri, experiment_id, (vocab, fingerprint, train_blocks), planned)
 
 
 def trial_resources(resources: Resources) -> dict:

@@ -222,8 +222,11 @@ class SweepProgress(tune.Callback):
 
     # --- Tune's events ---
     def point(self, trial) -> PointState:
+        """The trial's point; one the adaptive planner placed after the sweep started joins the board."""
         if trial.trial_id not in self.hashes:
-            self.hashes[trial.trial_id] = RunSpec(**trial.config["spec"]).run_hash
+            spec = RunSpec(**trial.config["spec"])
+            self.hashes[trial.trial_id] = spec.run_hash
+            self.board.points.setdefault(spec.run_hash, PointState.of(spec))
         return self.board.points[self.hashes[trial.trial_id]]
 
     def setup(self, **info) -> None:

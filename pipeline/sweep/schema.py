@@ -33,14 +33,20 @@ class Resources(BaseModel):
 
 
 class SizeRule(BaseModel):
-    """Pick sizes per budget around a predicted optimum instead of listing models."""
+    """Pick sizes per budget around a predicted optimum instead of listing models; with `adapt`, the planner
+    (pipeline/sweep/adaptive.py) re-centres each budget on the optimum the finished budgets predict."""
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     per_budget: int = Field(5, ge=1)
     span: float = Field(8.0, gt=1, description="largest / smallest N per budget")
     tokens_per_param: float | dict[Family, float] = Field(
         20.0, description="predicted optimum D/N, centre of the window; a mapping gives each family its own "
-                          "(an MDM's optimum sits at smaller N than an ARM's)")
+                          "(an MDM's optimum sits at smaller N than an ARM's); with `adapt`, only the first budget's")
+    adapt: bool = Field(False, description="plan the grid from finished runs: centre each budget on the predicted "
+                                           "N*, add sizes beyond an edge optimum, place matched budgets")
+    extend: int = Field(6, ge=0, description="with `adapt`: sizes a budget may add beyond its first window")
+    shapes: list[str | dict] = Field(default_factory=list, description="shapes added to the ladder sizes are "
+                                     "picked from (registry names or inline {n_layer, n_head, d_model, d_ff})")
 
     @field_validator("tokens_per_param")
     @classmethod
@@ -50,8 +56,24 @@ class SizeRule(BaseModel):
             raise ValueError(f"tokens_per_param must be positive, got {value}")
         return value
 
+    @field_validator("shapes")
+    @classmethod
+    def _known_shapes(cls, shapes):
+        return _check_shapes(shapes)
+
     def ratio(self, family: str) -> float:
         return self.tokens_per_param[family] if isinstance(self.tokens_per_param, dict) else self.tokens_per_param
+
+
+class BudgetMatch(BaseModel):
+    """A family's budgets placed by the planner so that its losses reach another family's measured ones: a
+    pilot budget first, then `count` budgets (docs/method.md, "Adaptive grids")."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    match: Family
+    count: int = Field(3, ge=1)
+    prior_gap: float = Field(16.0, gt=0, description="compute ratio assumed for the pilot: it runs at the matched "
+                                                     "family's smallest budget / prior_gap")
 
 
 class SyntheticData(BaseModel):
@@ -182,6 +204,18 @@ def variant_label(train: TrainConfig, keys: Iterable[str]) -> str:
     return ",".join(f"{key}={getattr(train, key)}" for key in sorted(keys))
 
 
+def _check_shapes(shapes: list[str | dict]) -> list[str | dict]:
+    errors = []
+    for m in shapes:
+        try:
+            resolve_shape(m)
+        except ValueError as err:
+            errors.append(str(err))
+    if errors:
+        raise ValueError("; ".join(errors))
+    return shapes
+
+
 class SweepConfig(BaseModel):
     """A sweep file: the IsoFLOP grid, the recipe, the resources and where results go."""
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -189,9 +223,10 @@ class SweepConfig(BaseModel):
     name: str = Field(min_length=1, description="the MLflow experiment")
     data: DataSpec
     families: list[Family] = Field(min_length=1)
-    budgets: list[float] | dict[str, list[float]] = Field(
+    budgets: list[float] | dict[str, list[float] | BudgetMatch] = Field(
         description="FLOP budgets for every family, or a mapping {arm: [...], mdm: [...]} giving each its own "
-                    "(an MDM grid can then sit where its losses reach the ARM's)")
+                    "(an MDM grid can then sit where its losses reach the ARM's); with sizes.adapt, a family's "
+                    "entry may be {match: <family>, count: k}: budgets placed from the other family's losses")
     flops_convention: FlopsConvention = "6ND"
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="DeepSpeed settings for every run's engine "
                                       "(pipeline/training/deepspeed_settings.py)")
@@ -249,6 +284,8 @@ class SweepConfig(BaseModel):
     def _positive_budgets(cls, budgets):
         for key, values in (budgets.items() if isinstance(budgets, dict) else [("", budgets)]):
             where = f"budgets.{key}" if key else "budgets"
+            if isinstance(values, BudgetMatch):
+                continue
             if not values:
                 raise ValueError(f"{where} is empty: give at least one FLOP budget")
             bad = [b for b in values if not (math.isfinite(b) and b > 0)]
@@ -288,20 +325,36 @@ class SweepConfig(BaseModel):
     def _known_deepspeed_settings(cls, block):
         return deepspeed_settings.validate(block)
 
-    def budgets_for(self, family: str) -> list[float]:
+    def budgets_for(self, family: str) -> list[float] | BudgetMatch:
         return self.budgets[family] if isinstance(self.budgets, dict) else self.budgets
+
+    @property
+    def adaptive(self) -> bool:
+        return bool(self.sizes and self.sizes.adapt)
+
+    @model_validator(mode="after")
+    def _planner_settings(self):
+        """What the planner needs: a size rule that adapts for matched budgets, a matched family that has its own
+        budgets, and one curve per budget (searched recipe keys would make several)."""
+        matched = {f: b for f, b in self.budgets.items() if isinstance(b, BudgetMatch)} \
+            if isinstance(self.budgets, dict) else {}
+        for family, rule in matched.items():
+            if not self.adaptive:
+                raise ValueError(f"budgets.{family}: {{match: {rule.match}}} places budgets from measured losses; "
+                                 "it needs sizes: {adapt: true}")
+            target = self.budgets.get(rule.match)
+            if rule.match == family or not isinstance(target, list):
+                raise ValueError(f"budgets.{family}.match: {rule.match!r} must be another family of the sweep with "
+                                 "a list of budgets")
+        if self.adaptive and self.search:
+            raise ValueError(f"sizes.adapt: plans one IsoFLOP curve per budget, but train searches "
+                             f"{sorted(self.search)}, which makes one per variant; search the recipe in a fixed grid")
+        return self
 
     @field_validator("models")
     @classmethod
     def _known_models(cls, models):
-        errors = []
-        for m in models or []:
-            try:
-                resolve_shape(m)
-            except ValueError as err:
-                errors.append(str(err))
-        if errors:
-            raise ValueError("; ".join(errors))
+        _check_shapes(models or [])
         return models
 
     @model_validator(mode="after")
