@@ -169,14 +169,15 @@ def _zipf(n: int, exponent: float) -> np.ndarray:
 
 
 def synthetic(out: str | Path, *, tokens: int = 2_000_000, seed: int = 0, val_tokens: int | None = None,
-              overwrite: bool = False) -> DatasetInfo:
+              overwrite: bool = False, spec: SyntheticSpec = SyntheticSpec()) -> DatasetInfo:
     """Write the synthetic corpus: `tokens` train tokens and `val_tokens` (default max(1%, 65536)) val
-    tokens, independent samples of the same language. Same (tokens, seed, val_tokens): same fingerprint."""
+    tokens, independent samples of the language `spec`. Same (tokens, seed, val_tokens, spec): same
+    fingerprint."""
     val_tokens = max(tokens // 100, 1 << 16) if val_tokens is None else val_tokens
     if tokens < 1 or val_tokens < 1 or seed < 0:
         raise DataError(f"synthetic: tokens, val_tokens must be positive and seed non-negative, "
                         f"got tokens={tokens} val_tokens={val_tokens} seed={seed}")
-    language = SyntheticLanguage()
+    language = SyntheticLanguage(spec)
     out = Path(out)
     with staged(out, overwrite) as folder:
         for split, n, stream in (("train", tokens, 0), ("val", val_tokens, 1)):

@@ -106,7 +106,8 @@ class Planner:
     def curve(self, family: str, budget: float, centre: float, why: str) -> Curve | None:
         """Place one budget's sizes around `centre` and extend them past an edge optimum; its Curve once every
         point has settled, None while some are pending."""
-        shapes = sizes_around(centre, self.rule)
+        runnable = self.runnable(family, budget)
+        shapes = sizes_around(centre, self.rule, runnable)
         self.say(f"{family} {budget:.3g}: sizes centred on N = {centre:.3g} ({why}): {labels(shapes)}")
         added = 0
         while True:
@@ -122,22 +123,39 @@ class Planner:
                 self.say(f"{where}: interior optimum N* = {n_opt:.3g}, loss {loss:.4f}")
                 return Curve(budget, n_opt, loss, True)
             room = self.rule.extend - added
-            beyond = self.beyond(shapes, side, min(room, SIZES_PER_EXTENSION))
+            beyond = self.beyond(shapes, side, min(room, SIZES_PER_EXTENSION), runnable)
             if room <= 0 or not beyond:
-                limit = (f"{self.rule.extend} sizes added (sizes.extend)" if room <= 0 else
-                         f"the ladder has no {side} shape; add some under sizes.shapes to go further")
+                if room <= 0:
+                    limit = f"{self.rule.extend} sizes added (sizes.extend)"
+                elif self.beyond(shapes, side, 1, self.ladder):
+                    limit = (f"no {side} size can run at this budget: it would repeat data beyond train.max_epochs "
+                             "or take fewer than train.min_steps steps")
+                else:
+                    limit = f"the ladder has no {side} shape; add some under sizes.shapes to go further"
                 self.say(f"{where}: optimum left at the {side} edge ({why}) after {limit}")
                 return Curve(budget, n_opt, loss, False)
             self.say(f"{where}: {why}; adding {labels(beyond)}")
             shapes, added = sorted([*shapes, *beyond], key=Shape.non_embedding_params), added + len(beyond)
 
-    def beyond(self, shapes: list[Shape], side: str, count: int) -> list[Shape]:
-        """`count` ladder shapes past the `side` edge of `shapes`, at the window's spacing."""
+    def beyond(self, shapes: list[Shape], side: str, count: int, candidates: list[Shape]) -> list[Shape]:
+        """`count` of the `candidates` past the `side` edge of `shapes`, at the window's spacing."""
         step = self.rule.span ** (1 / max(1, self.rule.per_budget - 1))
         sign = -1 if side == "smaller" else 1
         edge = (shapes[0] if sign < 0 else shapes[-1]).non_embedding_params()
-        free = [s for s in self.ladder if sign * (s.non_embedding_params() - edge) > 0]
+        free = [s for s in candidates if sign * (s.non_embedding_params() - edge) > 0]
         return nearest_shapes([edge * step ** (sign * k) for k in range(1, count + 1)], free)
+
+    def runnable(self, family: str, budget: float) -> list[Shape]:
+        """The ladder's shapes that can run at `budget`: enough steps, no data repeated beyond max_epochs."""
+        shapes = []
+        for shape in self.ladder:
+            try:
+                point_spec(self.sweep, family, budget, shape, self.sweep.seeds[0], {}, self.fingerprint).plan(
+                    self.vocab_size, self.train_blocks)
+                shapes.append(shape)
+            except (BudgetError, DataError):
+                pass
+        return shapes
 
     def measure(self, family: str, budget: float, shapes: list[Shape]) -> dict[float, float] | None:
         """Place the points of `shapes` at `budget` (every seed); N -> mean loss over the seeds that finished,

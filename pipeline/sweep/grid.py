@@ -46,14 +46,15 @@ def ladder(rule: SizeRule) -> list[Shape]:
     return sorted(shapes, key=Shape.non_embedding_params)
 
 
-def sizes_around(centre: float, rule: SizeRule) -> list[Shape]:
-    """`per_budget` ladder shapes log-spaced over `span` around N = `centre`, smallest first.
+def sizes_around(centre: float, rule: SizeRule, shapes: list[Shape] | None = None) -> list[Shape]:
+    """`per_budget` shapes of `shapes` (default: the rule's ladder) log-spaced over `span` around N = `centre`,
+    smallest first.
 
     Each target takes the nearest shape not yet taken, so a coarse stretch of the ladder still yields
     `per_budget` distinct sizes.
     """
     targets = [centre * rule.span ** (i / max(1, rule.per_budget - 1) - 0.5) for i in range(rule.per_budget)]
-    return nearest_shapes(targets, ladder(rule))
+    return nearest_shapes(targets, ladder(rule) if shapes is None else shapes)
 
 
 def nearest_shapes(targets: list[float], shapes: list[Shape]) -> list[Shape]:
