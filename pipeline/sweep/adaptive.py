@@ -126,13 +126,13 @@ class Planner:
             beyond = self.beyond(shapes, side, min(room, SIZES_PER_EXTENSION), runnable)
             if room <= 0 or not beyond:
                 if room <= 0:
-                    limit = f"{self.rule.extend} sizes added (sizes.extend)"
+                    limit = f"sizes.extend = {self.rule.extend} sizes already added"
                 elif self.beyond(shapes, side, 1, self.ladder):
                     limit = (f"no {side} size can run at this budget: it would repeat data beyond train.max_epochs "
                              "or take fewer than train.min_steps steps")
                 else:
                     limit = f"the ladder has no {side} shape; add some under sizes.shapes to go further"
-                self.say(f"{where}: optimum left at the {side} edge ({why}) after {limit}")
+                self.say(f"{where}: optimum left at the {side} edge ({why}); stopped: {limit}")
                 return Curve(budget, n_opt, loss, False)
             self.say(f"{where}: {why}; adding {labels(beyond)}")
             shapes, added = sorted([*shapes, *beyond], key=Shape.non_embedding_params), added + len(beyond)
