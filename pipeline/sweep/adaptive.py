@@ -201,11 +201,10 @@ class Planner:
         self.out.curves[family] = [pilot] if pilot else []
         need = min(2, len(target_budgets))
         first = self.out.curves.get(target, [])[:need]
-        if pilot is None or len(first) < need:
-            waits_for = (f"its pilot {pilot_budget:.3g}" if pilot is None else "") + \
-                        (" and " if pilot is None and len(first) < need else "") + \
-                        (f"{target}'s first {need} budget(s)" if len(first) < need else "")
-            self.out.waiting.append(f"{family} matched budgets: wait for {waits_for}")
+        waits = ([f"its pilot {pilot_budget:.3g}"] if pilot is None else []) + \
+                ([f"{target}'s first {need} budget(s)"] if len(first) < need else [])
+        if waits:
+            self.out.waiting.append(f"{family} matched budgets: wait for {' and '.join(waits)}")
             return
         settled = self.chain(family, self.place(family, rule, first, [pilot]), [pilot])
         if settled is None or not self.done.get(target):

@@ -6,6 +6,7 @@ a rerun after a kill rebuilds it by asking the planner again.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mlflow.tracking import MlflowClient
@@ -32,13 +33,13 @@ class PlannerInputs:
 
 
 class PlannerSearch(Searcher):
-    """Hands out each placed point once, longest first, and ends the sweep when nothing is running and the
-    planner places nothing new. Points that failed before count as settled, unless the sweep reruns them:
-    then they are settled once they failed again in this session."""
+    """Hands out each placed point once, in the order `order` gives the points ready to run, and ends the sweep
+    when nothing is running and the planner places nothing new. Points that failed before count as settled,
+    unless the sweep reruns them: then they are settled once they failed again in this session."""
 
-    def __init__(self, inputs: PlannerInputs, order=None):
+    def __init__(self, inputs: PlannerInputs, order: Callable[[list[GridPoint]], list[GridPoint]]):
         super().__init__()
-        self.inputs, self.order = inputs, order or (lambda points: points)
+        self.inputs, self.order = inputs, order
         self.released: set[str] = set()
         self.running: dict[str, str] = {}  # trial id -> run hash
         self.queue: list[GridPoint] = []
