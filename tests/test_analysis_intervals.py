@@ -1,9 +1,11 @@
 """IsoFLOP rows report an interval that holds their own estimate, and an optimum at or near the edge of the
-sampled sizes is called an edge, with no numbers (analysis/isoflop.py)."""
+sampled sizes is called an edge, with no numbers (analysis/isoflop.py); the residual bootstrap's t widening and
+the gap's bias-corrected band (benchmarks/band_coverage.py measures their coverage)."""
 import numpy as np
 import pytest
 
-from analysis.isoflop import fit_curve, fit_isoflop
+from analysis.bootstrap import bias_corrected_interval, interval
+from analysis.isoflop import _t_widening, fit_curve, fit_isoflop
 from analysis.report import _bucket_cells
 
 
@@ -81,3 +83,20 @@ def test_an_optimum_its_resamples_place_elsewhere_is_not_reported():
     assert curve.bucket.edge
     assert curve.bucket.note == "unstable: the fit's N*, D*, D*/N* lies outside its bootstrap interval"
     assert curve.bucket.n_opt is None and curve.bucket.edge_side is None
+
+
+def test_residuals_are_widened_by_t_over_z_for_their_degrees_of_freedom():
+    assert _t_widening(6) == pytest.approx(2.4469 / 1.95996, rel=1e-4)  # three 5-size curves
+    assert _t_widening(20) == pytest.approx(2.0860 / 1.95996, rel=1e-4)
+    assert 1 < _t_widening(10_000) < 1.001
+
+
+def test_the_bias_corrected_band_moves_against_the_resamples_bias_and_holds_its_estimate():
+    draws = np.random.default_rng(0).normal(0.0, 1.0, size=(4000, 1))
+    centred = bias_corrected_interval(np.median(draws), draws)
+    assert centred == pytest.approx(interval(draws), abs=1e-9)  # half below the estimate: the percentile band
+    shifted = bias_corrected_interval(0.5, draws)  # resamples sit below the estimate: the band moves up past it
+    assert shifted[0, 0] > interval(draws)[0, 0] + 0.5 and shifted[0, 0] < 0.5 < shifted[1, 0]
+    with_failures = np.concatenate([draws, np.full((100, 1), np.nan)])
+    assert bias_corrected_interval(0.5, with_failures) == pytest.approx(shifted)  # failed resamples left out
+    assert np.isnan(bias_corrected_interval(np.nan, draws)).all()  # no estimate, no band
