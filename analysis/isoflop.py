@@ -279,7 +279,8 @@ def _residual_draws(x, loss, curves, weights, n_resamples, rng) -> tuple[np.ndar
 def _t_widening(dof: int, level: float = LEVEL) -> float:
     """t over normal quantile at the interval's level. The residuals' spread is estimated from `dof` degrees of
     freedom, and a bootstrap that takes it as known gives a linear estimate a z-interval where a t-interval is due:
-    with three 5-size curves (dof 6) a nominal 95% covers about 90% (benchmarks/band_coverage.py)."""
+    with three 5-size curves (dof 6) a nominal 95% covers 90% in theory, and the demo-sized ARM's N* exponent band
+    held the truth in 91-94% of simulated studies, 96% widened (benchmarks/band_coverage.py)."""
     tail = 0.5 + level / 2
     return float(stdtrit(dof, tail) / ndtri(tail))
 
