@@ -6,6 +6,7 @@ import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,30 +18,37 @@ from pipeline.errors import SweepError
 from pipeline.sweep.adaptive import optimum, schedule
 from pipeline.sweep.adaptive_search import DECISIONS_FILE
 from pipeline.sweep.driver import run_sweep
-from pipeline.sweep.grid import load_sweep
+from pipeline.sweep.grid import analysis_size, load_sweep
 from pipeline.sweep.schema import SweepConfig
 
 # N* = a C^b and L* = c C^d as the demo measured them (docs/LOG.md), and a parabola in ln N around N*
 LAWS = {"mdm": (0.0158, 0.489, 11.39, -0.0465), "arm": (3.9e-4, 0.66, 6.186, -0.0303)}
 CURVATURE = 0.08
 MDM_BUDGETS = [1e11, 3e11, 1e12]
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def true_loss(spec, noise: float = 0.0, rng=None) -> float:
+def spent_size(point) -> float:
+    """N on the spent axis as the analysis reads it from a finished run (analysis/runs.py)."""
+    return point.plan.flops_spent / (6 * point.plan.tokens)
+
+
+def true_loss(point, noise: float = 0.0, rng=None, size=lambda p: p.spec.shape.non_embedding_params()) -> float:
+    spec = point.spec
     a, b, c, d = LAWS[spec.family]
     n_opt = a * spec.budget ** b
-    loss = c * spec.budget ** d + CURVATURE * math.log(spec.shape.non_embedding_params() / n_opt) ** 2
+    loss = c * spec.budget ** d + CURVATURE * math.log(size(point) / n_opt) ** 2
     return loss + (noise * rng.standard_normal() if noise else 0.0)
 
 
-def sweep_config(budgets=None, families=("mdm", "arm"), **sizes) -> SweepConfig:
-    return SweepConfig(name="plan", data="unused", families=list(families),
+def sweep_config(budgets=None, families=("mdm", "arm"), convention="6ND", **sizes) -> SweepConfig:
+    return SweepConfig(name="plan", data="unused", families=list(families), flops_convention=convention,
                        budgets=budgets or {"mdm": MDM_BUDGETS, "arm": {"match": "mdm", "count": 3}},
                        sizes={"per_budget": 5, "span": 6, "adapt": True, **sizes},
                        train={"seq_len": 128, "batch_size": 8, "min_steps": 40, "warmup_min_steps": 10})
 
 
-def run_to_end(sweep: SweepConfig, one_at_a_time: bool = False, seed: int = 0, noise: float = 0.0):
+def run_to_end(sweep: SweepConfig, one_at_a_time: bool = False, seed: int = 0, noise: float = 0.0, **truth):
     """Settle the planner's pending points (all at once, or one at a time in a random order) until it places no
     more; the final schedule and the results."""
     rng, results = np.random.default_rng(seed), {}
@@ -50,7 +58,7 @@ def run_to_end(sweep: SweepConfig, one_at_a_time: bool = False, seed: int = 0, n
         if not pending:
             return planned, results
         for point in [pending[rng.integers(len(pending))]] if one_at_a_time else pending:
-            results[point.spec.run_hash] = true_loss(point.spec, noise, rng)
+            results[point.spec.run_hash] = true_loss(point, noise, rng, **truth)
     raise AssertionError("the planner kept placing points")
 
 
@@ -105,6 +113,30 @@ def test_an_edge_at_the_end_of_the_ladder_says_so_and_inline_shapes_extend_it():
     planned, _ = run_to_end(extended)
     assert planned.curves["mdm"][0].interior
     assert any(p.spec.shape.label in ("cpu-0.1k", "cpu-0.2k") for p in planned.points)
+
+
+def test_a_spent_sweep_is_planned_on_the_axis_the_analysis_fits():
+    """Budgeted in spent FLOPs, the analysis sizes a run by its spent FLOPs per token / 6, which the LM head and
+    attention inflate most at small N; the planner centres and judges edges on that same N."""
+    sweep = sweep_config({"mdm": MDM_BUDGETS}, ["mdm"], convention="spent", ladder="cpu16")
+    planned, _ = run_to_end(sweep, size=spent_size)
+    assert planned.decisions[0].startswith("N below is spent N")
+    a, b, _, _ = LAWS["mdm"]
+    curves = planned.curves["mdm"]
+    assert len(curves) == 3 and all(c.interior for c in curves), curves
+    for curve in curves:
+        assert abs(math.log(curve.n_opt / (a * curve.budget ** b))) < 0.15, curve
+    assert all(p.spec.shape.label.startswith("cpu16-") for p in planned.points)
+    for point in planned.points:
+        assert analysis_size(sweep, "mdm", point.spec.shape, 512) == pytest.approx(spent_size(point), rel=1e-9)
+
+
+def test_the_demo_is_planned_not_hand_centred():
+    """The demo sweep places its own sizes and ARM budgets, on the compute its runs spend."""
+    demo = load_sweep(ROOT / "sweeps" / "demo.yaml")
+    assert demo.sizes.adapt and "tokens_per_param" not in demo.sizes.model_fields_set and demo.sizes.ladder == "cpu16"
+    assert demo.flops_convention == "spent"
+    assert demo.budgets["arm"].match == "mdm" and demo.budgets["arm"].count == 3
 
 
 def test_optimum_classifies_edges_flat_curves_and_interior_vertices():

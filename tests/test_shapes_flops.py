@@ -7,7 +7,7 @@ from pipeline.cli import main
 from pipeline.errors import BudgetError, ConfigError
 from pipeline.model.family import FAMILIES
 from pipeline.model.flops import budget_for_steps, flops_per_token, matmul_params, plan_budget
-from pipeline.model.shapes import CPU_SHAPES, PAPER_SHAPES, REGISTRY, Shape, resolve_shape
+from pipeline.model.shapes import CPU16_SHAPES, CPU_SHAPES, PAPER_SHAPES, REGISTRY, Shape, resolve_shape
 from pipeline.model.transformer import Transformer
 
 
@@ -36,6 +36,15 @@ def test_cpu_ladder_spans_300_to_5m_and_grows():
     assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes) == len(CPU_SHAPES)  # no two share a name
     assert 200 <= sizes[0] and sizes[-1] <= 5_000_000
     assert max(b / a for a, b in zip(sizes, sizes[1:])) < 2.5  # fine enough for a parabola per budget
+
+
+def test_cpu16_ladder_keeps_heads_16_wide_or_one_head():
+    sizes = [s.non_embedding_params() for s in CPU16_SHAPES.values()]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes) == len(CPU16_SHAPES)
+    assert sizes[0] < 100 and sizes[-1] <= 5_000_000
+    assert max(b / a for a, b in zip(sizes[1:], sizes[2:])) < 2.5  # above the width-2 shape, as fine as the cpu ladder
+    for shape in CPU16_SHAPES.values():
+        assert shape.n_head == 1 if shape.d_model < 32 else shape.head_size in range(16, 32), shape
 
 
 @pytest.mark.parametrize("name", ["cpu-26k", "cpu-1.3M", "smdm-6M"])

@@ -92,7 +92,22 @@ CPU_SHAPES = _ladder("cpu", [
     (6, 4, 96, 384), (5, 4, 128, 512), (6, 4, 160, 640), (8, 6, 192, 768),
 ])
 
-REGISTRY: dict[str, Shape] = {**PAPER_SHAPES, **CPU_SHAPES}
+# The same range with heads at least 16 wide (n_head = d_model // 16, one head below width 32). On the CPU
+# ladder above, the MDM's IsoFLOP curves zig-zag by more than their seed noise between its one-head shapes
+# and its two-head shapes of size 4-14 (docs/LOG.md, 2026-12-07); the ARM's stay smooth. Widths grow to 28
+# in one layer, then width and depth together as above. It starts at width 2: counting the LM head's compute
+# (flops_convention spent or palm), an ARM's optimum at 1e10 FLOPs lies below 300 parameters.
+CPU16_SHAPES = _ladder("cpu16", [
+    (n_layer, max(1, d_model // 16), d_model, 4 * d_model) for n_layer, d_model in [
+        (1, 2), (1, 4), (1, 6), (1, 8), (1, 10), (1, 12), (1, 14), (1, 16), (1, 20), (1, 24), (1, 28), (1, 32), (1, 40),
+        (2, 32), (2, 40), (3, 40), (3, 48), (4, 48), (3, 64), (4, 64), (4, 80), (4, 96), (6, 96), (5, 128),
+        (6, 160), (8, 192)]
+])
+
+# The ladders a size rule picks from (sizes.ladder); the paper's shapes continue each above 5M.
+LADDERS: dict[str, dict[str, Shape]] = {"cpu": CPU_SHAPES, "cpu16": CPU16_SHAPES}
+
+REGISTRY: dict[str, Shape] = {**PAPER_SHAPES, **CPU_SHAPES, **CPU16_SHAPES}
 
 
 def resolve_shape(spec: str | dict | Shape) -> Shape:

@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.errors import BudgetError, DataError
 from pipeline.model.shapes import Shape
-from pipeline.sweep.grid import GridPoint, ladder, nearest_shapes, point_spec, sizes_around
+from pipeline.sweep.grid import GridPoint, analysis_size, ladder, nearest_shapes, point_spec, sizes_around
 from pipeline.sweep.schema import BudgetMatch, SweepConfig
 
 EXPONENT_RANGE = (0.25, 0.75)  # a fitted N*(C) exponent outside this is noise between close budgets
@@ -63,8 +63,12 @@ class Planner:
         self.out = Schedule()
         self.done: dict[str, bool] = {}
         self.known: dict[str, GridPoint | None] = {}  # run hash -> point placed (None: dropped)
+        self.sizes: dict[tuple[str, Shape], float] = {}
 
     def plan(self) -> Schedule:
+        if self.sweep.flops_convention == "spent":
+            self.say("N below is spent N (spent FLOPs per token / 6), the size the analysis fits a sweep budgeted "
+                     "in spent FLOPs on")
         matched = {f: self.sweep.budgets_for(f) for f in self.sweep.families
                    if isinstance(self.sweep.budgets_for(f), BudgetMatch)}
         for family in self.sweep.families:  # listed budgets first: matched ones read their curves
@@ -107,7 +111,7 @@ class Planner:
         """Place one budget's sizes around `centre` and extend them past an edge optimum; its Curve once every
         point has settled, None while some are pending."""
         runnable = self.runnable(family, budget)
-        shapes = sizes_around(centre, self.rule, runnable)
+        shapes = sizes_around(centre, self.rule, runnable, lambda s: self.size(family, s))
         self.say(f"{family} {budget:.3g}: sizes centred on N = {centre:.3g} ({why}): {labels(shapes)}")
         added = 0
         while True:
@@ -123,11 +127,11 @@ class Planner:
                 self.say(f"{where}: interior optimum N* = {n_opt:.3g}, loss {loss:.4f}")
                 return Curve(budget, n_opt, loss, True)
             room = self.rule.extend - added
-            beyond = self.beyond(shapes, side, min(room, SIZES_PER_EXTENSION), runnable)
+            beyond = self.beyond(family, shapes, side, min(room, SIZES_PER_EXTENSION), runnable)
             if room <= 0 or not beyond:
                 if room <= 0:
                     limit = f"sizes.extend = {self.rule.extend} sizes already added"
-                elif self.beyond(shapes, side, 1, self.ladder):
+                elif self.beyond(family, shapes, side, 1, self.ladder):
                     limit = (f"no {side} size can run at this budget: it would repeat data beyond train.max_epochs "
                              "or take fewer than train.min_steps steps")
                 else:
@@ -135,15 +139,23 @@ class Planner:
                 self.say(f"{where}: optimum left at the {side} edge ({why}); stopped: {limit}")
                 return Curve(budget, n_opt, loss, False)
             self.say(f"{where}: {why}; adding {labels(beyond)}")
-            shapes, added = sorted([*shapes, *beyond], key=Shape.non_embedding_params), added + len(beyond)
+            shapes, added = sorted([*shapes, *beyond], key=lambda s: self.size(family, s)), added + len(beyond)
 
-    def beyond(self, shapes: list[Shape], side: str, count: int, candidates: list[Shape]) -> list[Shape]:
+    def size(self, family: str, shape: Shape) -> float:
+        """The shape's N on the axis the analysis fits (spent N on a sweep budgeted in spent FLOPs), so that the
+        planner's optima and edges are the analysis's."""
+        if (family, shape) not in self.sizes:
+            self.sizes[family, shape] = analysis_size(self.sweep, family, shape, self.vocab_size)
+        return self.sizes[family, shape]
+
+    def beyond(self, family: str, shapes: list[Shape], side: str, count: int, candidates: list[Shape]) -> list[Shape]:
         """`count` of the `candidates` past the `side` edge of `shapes`, at the window's spacing."""
         step = self.rule.span ** (1 / max(1, self.rule.per_budget - 1))
         sign = -1 if side == "smaller" else 1
-        edge = (shapes[0] if sign < 0 else shapes[-1]).non_embedding_params()
-        free = [s for s in candidates if sign * (s.non_embedding_params() - edge) > 0]
-        return nearest_shapes([edge * step ** (sign * k) for k in range(1, count + 1)], free)
+        edge = self.size(family, shapes[0] if sign < 0 else shapes[-1])
+        free = [s for s in candidates if sign * (self.size(family, s) - edge) > 0]
+        return nearest_shapes([edge * step ** (sign * k) for k in range(1, count + 1)], free,
+                              lambda s: self.size(family, s))
 
     def runnable(self, family: str, budget: float) -> list[Shape]:
         """The ladder's shapes that can run at `budget`: enough steps, no data repeated beyond max_epochs."""
@@ -172,7 +184,7 @@ class Planner:
                 elif self.results[point.spec.run_hash] is not None:
                     seeds.append(self.results[point.spec.run_hash])
             if seeds:
-                losses[shape.non_embedding_params()] = float(np.mean(seeds))
+                losses[self.size(family, shape)] = float(np.mean(seeds))
         return None if pending else losses
 
     def point(self, family: str, budget: float, shape: Shape, seed: int) -> GridPoint | None:
@@ -253,7 +265,7 @@ class Planner:
 
     def smallest_centred(self, family: str, settled: list[Curve]) -> float:
         """The budget whose predicted N* puts the window's lower half on the ladder."""
-        n_floor = self.ladder[0].non_embedding_params() * math.sqrt(self.rule.span)
+        n_floor = self.size(family, self.ladder[0]) * math.sqrt(self.rule.span)
         if len(settled) == 1:
             return settled[0].budget * (n_floor / settled[0].n_opt) ** 2
         coef, exponent = n_opt_law(settled)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 from itertools import product
 from pathlib import Path
 
@@ -11,8 +12,8 @@ from pydantic import ValidationError
 
 from pipeline.errors import BudgetError, DataError, SweepError
 from pipeline.model.family import FAMILIES
-from pipeline.model.flops import BudgetPlan
-from pipeline.model.shapes import CPU_SHAPES, PAPER_SHAPES, Shape, resolve_shape
+from pipeline.model.flops import BudgetPlan, spent_flops_per_token
+from pipeline.model.shapes import LADDERS, PAPER_SHAPES, Shape, resolve_shape
 from pipeline.recipe import RunSpec, format_validation_error
 from pipeline.sweep.schema import SizeRule, SweepConfig, variant_label
 
@@ -41,30 +42,32 @@ def load_sweep(path: str | Path) -> SweepConfig:
 
 
 def ladder(rule: SizeRule) -> list[Shape]:
-    """The shapes a size rule picks from, smallest first: the registry's and the rule's own `shapes`."""
-    shapes = {*CPU_SHAPES.values(), *PAPER_SHAPES.values(), *map(resolve_shape, rule.shapes)}
+    """The shapes a size rule picks from, smallest first: its registry ladder's and its own `shapes`."""
+    shapes = {*LADDERS[rule.ladder].values(), *PAPER_SHAPES.values(), *map(resolve_shape, rule.shapes)}
     return sorted(shapes, key=Shape.non_embedding_params)
 
 
-def sizes_around(centre: float, rule: SizeRule, shapes: list[Shape] | None = None) -> list[Shape]:
+def sizes_around(centre: float, rule: SizeRule, shapes: list[Shape] | None = None,
+                 size: Callable[[Shape], float] = Shape.non_embedding_params) -> list[Shape]:
     """`per_budget` shapes of `shapes` (default: the rule's ladder) log-spaced over `span` around N = `centre`,
-    smallest first.
+    smallest first, N being `size` of a shape.
 
     Each target takes the nearest shape not yet taken, so a coarse stretch of the ladder still yields
     `per_budget` distinct sizes.
     """
     targets = [centre * rule.span ** (i / max(1, rule.per_budget - 1) - 0.5) for i in range(rule.per_budget)]
-    return nearest_shapes(targets, ladder(rule) if shapes is None else shapes)
+    return nearest_shapes(targets, ladder(rule) if shapes is None else shapes, size)
 
 
-def nearest_shapes(targets: list[float], shapes: list[Shape]) -> list[Shape]:
+def nearest_shapes(targets: list[float], shapes: list[Shape],
+                   size: Callable[[Shape], float] = Shape.non_embedding_params) -> list[Shape]:
     """For each target N in turn, the shape of `shapes` nearest in log N not yet taken; smallest first."""
     chosen: list[Shape] = []
     for target in targets:
         free = [s for s in shapes if s not in chosen]
         if free:
-            chosen.append(min(free, key=lambda s: abs(math.log(s.non_embedding_params() / target))))
-    return sorted(chosen, key=Shape.non_embedding_params)
+            chosen.append(min(free, key=lambda s: abs(math.log(size(s) / target))))
+    return sorted(chosen, key=size)
 
 
 def sizes_for_budget(budget: float, family: str, sweep: SweepConfig) -> list[Shape]:
@@ -74,41 +77,53 @@ def sizes_for_budget(budget: float, family: str, sweep: SweepConfig) -> list[Sha
 
 def expand_grid(sweep: SweepConfig, vocab_size: int, data_fingerprint: str = "",
                 train_blocks: int | None = None) -> tuple[list[GridPoint], list[str]]:
-    """(points to run, reasons for points dropped). Every (family, budget, size, seed) runs once per recipe
-    variant of the sweep's searched keys. A budget too small for its model drops the point; duplicate points,
-    and points that would repeat data beyond train.max_epochs (given the corpus's `train_blocks`), are errors,
-    all listed at once."""
+    """(points to run, reasons for points dropped). Every (family, budget, size, seed, unique-data size) runs once
+    per recipe variant of the sweep's searched keys. A budget too small for its model drops the point; duplicate
+    points, and points that would repeat data beyond train.max_epochs (given the corpus's `train_blocks`) or ask
+    for more unique data than it holds, are errors, all listed at once."""
     points, dropped, refused, seen = [], [], [], {}
     variants = sweep.variants()
     for family in sweep.families:
         for budget in sweep.budgets_for(family):
             shapes = sizes_for_budget(budget, family, sweep) if sweep.sizes else [resolve_shape(m) for m in sweep.models]
             for shape in shapes:
-                for seed, variant in product(sweep.seeds, variants):
-                    spec = point_spec(sweep, family, budget, shape, seed, variant, data_fingerprint)
+                for seed, unique, variant in product(sweep.seeds, sweep.unique_tokens or [None], variants):
+                    spec = point_spec(sweep, family, budget, shape, seed, variant, data_fingerprint, unique)
                     label = variant_label(spec.train, sweep.search)
                     of_variant = f" ({label})" if label else ""
+                    of_unique = f", unique_tokens={unique}" if unique else ""
                     if spec.run_hash in seen:
                         raise SweepError(f"duplicated grid point: {spec.run_name} (family={family}, budget={budget:g}, "
-                                         f"model={shape.label}, seed={seed}){of_variant} appears twice")
+                                         f"model={shape.label}, seed={seed}{of_unique}){of_variant} appears twice")
                     seen[spec.run_hash] = spec
                     try:
                         points.append(GridPoint(spec, spec.plan(vocab_size, train_blocks), label))
                     except BudgetError as err:
-                        dropped.append(f"{family} {shape.label} at {budget:.3g}{of_variant}: {err}")
+                        dropped.append(f"{family} {shape.label} at {budget:.3g}{of_unique}{of_variant}: {err}")
                     except DataError as err:
                         refused.append(f"{err}{of_variant}")
     if refused:
-        raise SweepError("\n".join(refused))
+        raise SweepError("\n".join(dict.fromkeys(refused)))  # a subset the corpus cannot hold: said once
     return points, dropped
 
 
 def point_spec(sweep: SweepConfig, family: str, budget: float, shape: Shape, seed: int, variant: dict,
-               data_fingerprint: str) -> RunSpec:
-    """The run of one grid point: the sweep's recipe with its convention, DeepSpeed block, seed and variant."""
+               data_fingerprint: str, unique_tokens: int | None = None) -> RunSpec:
+    """The run of one grid point: the sweep's recipe with its convention, DeepSpeed block, seed, variant and, from
+    the sweep's `unique_tokens:` list, its unique-data size."""
+    subset = {} if unique_tokens is None else {"unique_tokens": unique_tokens}
     train = sweep.train.with_overrides({"flops_convention": sweep.flops_convention, "deepspeed": sweep.deepspeed,
-                                        "seed": seed, **variant})
+                                        "seed": seed, **subset, **variant})
     return RunSpec(family=family, shape=shape, budget=budget, data_fingerprint=data_fingerprint, train=train)
+
+
+def analysis_size(sweep: SweepConfig, family: str, shape: Shape, vocab_size: int) -> float:
+    """A shape's N on the axis `isoflop analyze` fits this sweep on by default (analysis/runs.py): spent FLOPs per
+    token / 6 for a sweep budgeted in spent FLOPs, else its non-embedding N."""
+    if sweep.flops_convention != "spent":
+        return shape.non_embedding_params()
+    recipe = point_spec(sweep, family, 1.0, shape, sweep.seeds[0], {}, "").train
+    return spent_flops_per_token(shape, vocab_size, recipe.seq_len, FAMILIES[family].head_share(recipe)) / 6
 
 
 def validation_share(point: GridPoint) -> float:
@@ -122,16 +137,18 @@ def validation_share(point: GridPoint) -> float:
 def format_grid(points: list[GridPoint]) -> str:
     """The --dry-run table; a `variant` column, and the number of variants, when the sweep searches the recipe."""
     variants = sorted({p.variant for p in points if p.variant})
-    header = (f"{'family':<7}{'budget':>10}  {'model':<14}{'N':>15}{'D (tokens)':>18}{'steps':>9}{'D/N':>8}{'epochs':>8}"
-              f"{'eval/C':>8}{'spent/C':>9}")
+    subsets = any(p.spec.train.unique_tokens for p in points)
+    header = (f"{'family':<7}{'budget':>10}  {'model':<14}{'N':>15}{'D (tokens)':>18}{'steps':>9}{'D/N':>8}"
+              + (f"{'U (tokens)':>14}" if subsets else "") + f"{'epochs':>8}{'eval/C':>8}{'spent/C':>9}")
     header += "  variant" if variants else ""
     lines = [header, "-" * len(header)]
     for p in points:
         s = p.spec
         n = s.shape.non_embedding_params()
         epochs = "?" if p.plan.epochs is None else f"{p.plan.epochs:.3f}"  # unknown until the data exists
+        unique = "" if not subsets else f"{s.train.unique_tokens:>14,}" if s.train.unique_tokens else f"{'all':>14}"
         lines.append(f"{s.family:<7}{s.budget:>10.3g}  {s.shape.label:<14}{n:>15,}{p.plan.tokens:>18,}"
-                     f"{p.plan.steps:>9}{p.plan.tokens / n:>8.1f}{epochs:>8}{validation_share(p):>8.2%}"
+                     f"{p.plan.steps:>9}{p.plan.tokens / n:>8.1f}{unique}{epochs:>8}{validation_share(p):>8.2%}"
                      f"{p.plan.flops_spent / p.plan.flops:>9.2f}"
                      + (f"  {p.variant}" if variants else ""))
     if variants:

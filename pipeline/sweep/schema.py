@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -45,6 +45,8 @@ class SizeRule(BaseModel):
     adapt: bool = Field(False, description="plan the grid from finished runs: centre each budget on the predicted "
                                            "N*, add sizes beyond an edge optimum, place matched budgets")
     extend: int = Field(6, ge=0, description="with `adapt`: sizes a budget may add beyond its first window")
+    ladder: Literal["cpu", "cpu16"] = Field("cpu", description="the registry ladder sizes are picked from below "
+                                            "5M (the paper's shapes above): `cpu16` keeps heads 16 wide (one head below width 16)")
     shapes: list[str | dict] = Field(default_factory=list, description="shapes added to the ladder sizes are "
                                      "picked from (registry names or inline {n_layer, n_head, d_model, d_ff})")
 
@@ -94,6 +96,7 @@ class DataSpec(BaseModel):
 
 # Recipe keys a sweep may not search, and why.
 UNSEARCHABLE = {"seed": "each run's seed comes from the sweep's `seeds:` list",
+                "unique_tokens": "the sweep's `unique_tokens:` list runs every grid point on each subset",
                 "flops_convention": "the sweep's `flops_convention:` sets it for every run",
                 "deepspeed": "give DeepSpeed settings in the sweep file's top-level `deepspeed:` block",
                 **{key: "it does not change a run's result, so every variant would be the same run"
@@ -233,6 +236,8 @@ class SweepConfig(BaseModel):
     models: list[str | dict] | None = None
     sizes: SizeRule | None = None
     seeds: list[int] = [0]
+    unique_tokens: list[int] | None = Field(None, min_length=1, description="unique-data sizes: each grid point "
+                                            "trains on each, repeated as needed (train.unique_tokens)")
     train: TrainConfig = TrainConfig()
     # The lists and mappings of the same `train:` section, so that their errors name train.<key>
     search: dict[str, SearchSpace] = Field(default_factory=dict, validation_alias="train",
@@ -320,6 +325,19 @@ class SweepConfig(BaseModel):
                              f"{self.train.flops_convention}")
         return self
 
+    @model_validator(mode="after")
+    def _unique_data(self):
+        """Distinct sizes of at least one training block, set here or as train.unique_tokens, not both."""
+        sizes, width = self.unique_tokens or [], self.train.seq_len + 1
+        wrong = [u for u in sizes if u < width] or [u for i, u in enumerate(sizes) if u in sizes[:i]]
+        if wrong:
+            why = "is listed twice" if wrong[0] >= width else f"holds no training block of seq_len+1={width} tokens"
+            raise ValueError(f"unique_tokens: {wrong[0]} {why}")
+        if self.unique_tokens is not None and self.train.unique_tokens is not None:
+            raise ValueError(f"train.unique_tokens: {self.train.unique_tokens} and unique_tokens: {sizes} both set "
+                             "the runs' unique data; give it once")
+        return self
+
     @field_validator("deepspeed")
     @classmethod
     def _known_deepspeed_settings(cls, block):
@@ -349,6 +367,10 @@ class SweepConfig(BaseModel):
         if self.adaptive and self.search:
             raise ValueError(f"sizes.adapt: plans one IsoFLOP curve per budget, but train searches "
                              f"{sorted(self.search)}, which makes one per variant; search the recipe in a fixed grid")
+        if self.adaptive and self.unique_tokens:
+            raise ValueError(f"sizes.adapt: plans one IsoFLOP curve per budget, but unique_tokens: "
+                             f"{self.unique_tokens} makes one per unique-data size; list the models or sizes in a "
+                             "fixed grid")
         return self
 
     @field_validator("models")
