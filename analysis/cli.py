@@ -12,6 +12,9 @@ import pandas as pd
 
 from analysis.bootstrap import DEFAULT_RESAMPLES
 from analysis.plots import plot_all, plot_metrics
+from analysis.repetition import analyze_repetition, fresh_runs, has_unique_data
+from analysis.repetition_plot import plot_repetition
+from analysis.repetition_report import repetition_headline
 from analysis.report import headline, sweep_note, write_fits, write_report
 from analysis.runs import (COMPUTE_AXES, attach_to_sweep, clean, conform, default_axis, eval_columns, from_mlflow,
                           iso_note, on_axis, parse_map, read_table, write_table)
@@ -51,6 +54,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compute", choices=COMPUTE_AXES, default=None,
                         help="the compute axis: nominal (the sweep's budgets) or spent (every run's flops_spent); "
                              "default: spent for a sweep budgeted in spent FLOPs, else nominal")
+    parser.add_argument("--rn-star", action="store_true",
+                        help="where runs repeated data: also fit R*_N, the half-life of parameters beyond what the "
+                             "unique data can use (Muennighoff et al. 2023); off by default")
     parser.add_argument("--metric", action="append", metavar="eval/TASK/METRIC", default=[],
                         help="also plot this downstream metric (logged by `isoflop eval`) against compute, per family "
                              "(repeatable)")
@@ -61,8 +67,11 @@ def run(args: argparse.Namespace) -> int:
         settings = _settings(args)
         table, source, notes = _load(args)
         settings = replace(_from_table(settings, table, notes), compute=_axis(args.compute, table, notes))
-        fitted = on_axis(table, settings.compute)
-        notes += iso_note(table, settings.compute, settings.budget_tolerance)
+        repeated = has_unique_data(table)
+        fresh, fresh_notes = fresh_runs(table) if repeated else (table, [])
+        notes += fresh_notes
+        fitted = on_axis(fresh, settings.compute)
+        notes += iso_note(fresh, settings.compute, settings.budget_tolerance)
         _check_metrics(args.metric, table)
     except IsoflopError as err:  # bad options, a bad table, an unreachable tracking server
         print(f"isoflop analyze: error: {err}", file=sys.stderr)
@@ -73,17 +82,19 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     study = analyze(fitted, settings)
     study.notes[:0] = notes
-    if default_axis(table) == "nominal" and "flops_spent" in table.columns and table["flops_spent"].notna().all():
+    study.data_constrained = analyze_repetition(table, settings) if repeated else None
+    if default_axis(fresh) == "nominal" and "flops_spent" in fresh.columns and fresh["flops_spent"].notna().all():
         other = "nominal" if settings.compute == "spent" else "spent"
-        study.other_axis = other_axis_check(settings, study, on_axis(table, other), other)
+        study.other_axis = other_axis_check(settings, study, on_axis(fresh, other), other)
     out = Path(args.out or f"results/{args.experiment or Path(args.runs).stem}/analysis")
     out.mkdir(parents=True, exist_ok=True)
     write_table(table, out / "runs.csv")
     figures = plot_all(study, out)
     figures.update(plot_metrics(study, args.metric, out))
+    figures.update(plot_repetition(study.data_constrained, out))
     fits = write_fits(study, source, out / "fits.json")
     write_report(study, fits, figures, out / "report.md")
-    for line in headline(study):
+    for line in (repetition_headline(study.data_constrained) if repeated else []) + headline(study):
         if line:
             print(line.replace("**", ""))
     print(f"analysis done in {time.perf_counter() - start:.1f} s")
@@ -131,7 +142,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(reference=args.reference.strip().lower(), bootstrap=args.bootstrap, seed=args.seed,
                     budget_tolerance=args.budget_tolerance, huber_delta=args.huber_delta, gap_at=gap_at,
                     entropy_rate=args.entropy_rate, holdout_largest=args.holdout_largest, floor=floor,
-                    floor_source=floor_source)
+                    floor_source=floor_source, fit_rn_star=args.rn_star)
 
 
 def _parse_floor(text: str | None) -> tuple[float | None, str | None]:

@@ -86,38 +86,49 @@ def huber_objective(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, del
     log_n, log_d, log_l = (np.asarray(v, dtype=dtype) for v in (log_n, log_d, log_l))
     weights = None if weights is None else np.asarray(weights, dtype=dtype)
 
-    cap = np.log(np.finfo(dtype).max) - 10  # keeps exp finite; rows that far out are rejected by the line search
-
     def f_and_grad(theta: np.ndarray, rows: np.ndarray):
         with np.errstate(over="ignore", invalid="ignore"):
-            return _huber(theta.astype(dtype), rows)
-
-    def _huber(theta: np.ndarray, rows: np.ndarray):
-        a, b, e, alpha, beta = theta.T
-        # LSE relative to e: ln(e^e + e^t1 + e^t2) = e + ln(1 + e^(t1-e) + e^(t2-e))
-        x1 = np.multiply.outer(-alpha, log_n)
-        x1 += (a - e)[:, None]
-        np.exp(np.minimum(x1, cap, out=x1), out=x1)
-        x2 = np.multiply.outer(-beta, log_d)
-        x2 += (b - e)[:, None]
-        np.exp(np.minimum(x2, cap, out=x2), out=x2)
-        total = x1 + x2
-        total += 1
-        r = np.log(total)
-        r += e[:, None] - log_l
-        psi = np.clip(r, -delta, delta)  # Huber derivative
-        r -= 0.5 * psi
-        r *= psi  # now the Huber loss itself
-        if weights is not None:
-            w = weights[rows]
-            r *= w
-            psi *= w
-        psi /= total
-        x1 *= psi
-        x2 *= psi
-        grad = np.stack([x1.sum(1), x2.sum(1), psi.sum(1), -(x1 @ log_n), -(x2 @ log_d)], axis=1)
-        return r.sum(1, dtype=np.float64), grad.astype(np.float64)
+            f, grad, _, _ = huber_lse(theta.astype(dtype), rows, log_n, log_d, log_l, delta, weights)
+        return f, grad.astype(np.float64)
     return f_and_grad
+
+
+def huber_lse(theta: np.ndarray, rows: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
+              delta: float, weights: np.ndarray | None = None):
+    """The summed Huber loss of LSE(a - alpha ln N, b - beta ln D, e) - ln L per row of theta = (a, b, e, alpha,
+    beta), its gradient, and each run's weights (w_N, w_D) of its N and D terms: d f / d ln N = -alpha w_N. ln N and
+    ln D are one row of runs shared by every theta, or one row per theta (a law whose effective N or D depends on
+    further parameters chains its gradient through w_N and w_D)."""
+    cap = np.log(np.finfo(theta.dtype).max) - 10  # keeps exp finite; rows that far out are rejected by the line search
+    a, b, e, alpha, beta = theta.T
+
+    def term(coef, exponent, log_x):  # e^(coef - exponent ln x - e), overwritten in place
+        x = np.multiply.outer(-exponent, log_x) if log_x.ndim == 1 else -exponent[:, None] * log_x
+        x += (coef - e)[:, None]
+        return np.exp(np.minimum(x, cap, out=x), out=x)
+
+    # LSE relative to e: ln(e^e + e^t1 + e^t2) = e + ln(1 + e^(t1-e) + e^(t2-e))
+    x1, x2 = term(a, alpha, log_n), term(b, beta, log_d)
+    total = x1 + x2
+    total += 1
+    r = np.log(total)
+    r += e[:, None] - log_l
+    psi = np.clip(r, -delta, delta)  # Huber derivative
+    r -= 0.5 * psi
+    r *= psi  # now the Huber loss itself
+    if weights is not None:
+        w = weights[rows]
+        r *= w
+        psi *= w
+    psi /= total
+    x1 *= psi
+    x2 *= psi
+    grad = np.stack([x1.sum(1), x2.sum(1), psi.sum(1), -_row_dot(x1, log_n), -_row_dot(x2, log_d)], axis=1)
+    return r.sum(1, dtype=np.float64), grad, x1, x2
+
+
+def _row_dot(x: np.ndarray, log_x: np.ndarray) -> np.ndarray:
+    return x @ log_x if log_x.ndim == 1 else np.einsum("ij,ij->i", x, log_x)
 
 
 def fit_parametric(params, tokens, loss, *, delta: float = 1e-3, counts: np.ndarray | None = None,
@@ -137,7 +148,7 @@ def fit_parametric(params, tokens, loss, *, delta: float = 1e-3, counts: np.ndar
     starts = np.unique(np.clip(starts, *bounds), axis=0)  # starts above the lowest loss land on the bound
     coarse = minimize_batched(huber_objective(log_n, log_d, log_l, delta, dtype=np.float32), starts, lower=bounds[0],
                               upper=bounds[1], max_iter=GRID_STAGE_ITERATIONS, ftol=1e-7)
-    start, theta, best = _polish(objective, coarse, bounds)
+    start, theta, best = polish(objective, best_distinct(coarse), bounds)
     grid_edge = [name for name, key, value in zip(NAMES, ("e", "a", "b", "alpha", "beta"), theta[[2, 0, 1, 3, 4]])
                  if _beyond(GRID[key], value) and not (key == "e" and fixed_e is not None)]
     draws, ci = np.empty((0, 5)), {k: None for k in NAMES}
@@ -202,10 +213,8 @@ def _design_notes(log_n, log_d, log_l, family: str) -> list[str]:
 def _bootstrap(log_n, log_d, log_l, delta, counts, theta, fixed_e, family, notes):
     """Refit each resample from the full-data optimum; E is bounded by the lowest loss *in the resample*."""
     boot = huber_objective(log_n, log_d, log_l, delta, weights=counts)
-    lower, upper = e_bounds(log_l.min(), len(counts), fixed_e, np.where(counts > 0, log_l, np.inf).min(axis=1))
-    refit = minimize_batched(boot, np.repeat(theta[None], len(counts), axis=0), lower=lower, upper=upper)
-    draws = _natural(refit.x)
-    draws[~(refit.converged & np.isfinite(refit.f) & np.isfinite(draws).all(axis=1))] = np.nan
+    bounds = e_bounds(log_l.min(), len(counts), fixed_e, np.where(counts > 0, log_l, np.inf).min(axis=1))
+    draws = refit_resamples(boot, theta, bounds, _natural)
     failed = int(np.isnan(draws[:, 0]).sum())
     if failed:
         notes.append(f"{family}: {failed} of {len(counts)} parametric bootstrap refits did not converge "
@@ -214,10 +223,18 @@ def _bootstrap(log_n, log_d, log_l, delta, counts, theta, fixed_e, family, notes
     return draws, {k: (float(lo[i]), float(hi[i])) if np.isfinite(lo[i]) else None for i, k in enumerate(NAMES)}
 
 
-def _polish(objective, coarse, bounds) -> tuple[np.ndarray, np.ndarray, float]:
-    """Finish the best distinct candidates of the float32 grid stage in float64; keep the lowest.
+def refit_resamples(objective, theta: np.ndarray, bounds: tuple[np.ndarray, np.ndarray], natural) -> np.ndarray:
+    """Refit every resample (a row of the weighted `objective`) from the full-data optimum `theta`; the draws in
+    natural units (`natural` maps optimiser rows to them), NaN rows where a refit failed."""
+    rows = len(bounds[0])
+    refit = minimize_batched(objective, np.repeat(theta[None], rows, axis=0), lower=bounds[0], upper=bounds[1])
+    draws = natural(refit.x)
+    draws[~(refit.converged & np.isfinite(refit.f) & np.isfinite(draws).all(axis=1))] = np.nan
+    return draws
 
-    Returns (the candidate it started from, the optimum, the objective there)."""
+
+def best_distinct(coarse, count: int = POLISHED) -> np.ndarray:
+    """The `count` best distinct points (to 3 decimals) of a grid stage's results, best first."""
     order = np.argsort(np.where(np.isfinite(coarse.f), coarse.f, np.inf))
     candidates, seen = [], set()
     for i in order:
@@ -225,9 +242,15 @@ def _polish(objective, coarse, bounds) -> tuple[np.ndarray, np.ndarray, float]:
         if key not in seen:
             seen.add(key)
             candidates.append(coarse.x[i])
-        if len(candidates) == POLISHED:
+        if len(candidates) == count:
             break
-    fine = minimize_batched(objective, np.array(candidates), lower=bounds[0], upper=bounds[1])
+    return np.array(candidates)
+
+
+def polish(objective, candidates: np.ndarray, bounds) -> tuple[np.ndarray, np.ndarray, float]:
+    """Finish the candidates in float64; keep the lowest. Returns (the candidate it started from, the optimum,
+    the objective there)."""
+    fine = minimize_batched(objective, candidates, lower=bounds[0], upper=bounds[1])
     best = int(np.argmin(np.where(np.isfinite(fine.f), fine.f, np.inf)))
     return np.array(candidates[best]), fine.x[best], float(fine.f[best])
 

@@ -38,10 +38,10 @@ def family_colour(name: str, order: list[str]) -> str:
 
 def render(name: str, study: Study, out: Path) -> list[Path]:
     """Draw one figure and write it as out/name.png and out/name.pdf; [] when the study lacks its data."""
-    return _draw(lambda: FIGURES[name](study), name, out)
+    return draw_figure(lambda: FIGURES[name](study), name, out)
 
 
-def _draw(make, name: str, out: Path) -> list[Path]:
+def draw_figure(make, name: str, out: Path) -> list[Path]:
     """make() in the house style, written as out/name.png and .pdf; [] when it returns no figure."""
     with matplotlib.rc_context(STYLE):
         fig = make()
@@ -61,6 +61,8 @@ def plot_all(study: Study, out: Path) -> dict[str, list[Path]]:
 
 def isoflop_curves(study: Study):
     fams = list(study.families.values())
+    if not fams:  # every run repeated data: only the data-constrained figure has points
+        return None
     fig = Figure(figsize=(5.2 * len(fams), 4.2))
     axes = fig.subplots(1, len(fams), squeeze=False)
     norm = _budget_norm(study)
@@ -303,7 +305,7 @@ def plot_metrics(study: Study, metrics: list[str], out: Path) -> dict[str, list[
     """One figure per downstream metric some run has, named metric_<metric with '/' as '_'>: name -> [png, pdf]."""
     names = {metric: "metric_" + re.sub(r"[^\w.-]", "_", metric) for metric in metrics}
     return {names[m]: paths for m in metrics
-            if (paths := _draw(lambda m=m: metric_against_compute(study, m), names[m], out))}
+            if (paths := draw_figure(lambda m=m: metric_against_compute(study, m), names[m], out))}
 
 
 def _optima(ax, fam, attr: str, colour: str, label: str | None = None) -> None:

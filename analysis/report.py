@@ -11,6 +11,7 @@ from analysis.bootstrap import LEVEL, interval
 from analysis.frontier import POWER_LAW, SATURATING, ComputeGap, Frontier, GapPoint
 from analysis.isoflop import BucketOptimum, PowerLaw
 from analysis.parametric import NAMES, ChinchillaLaw, ParametricFit
+from analysis.repetition_report import repetition_dict, repetition_headline, repetition_lines
 from analysis.runs import SIZE_NAMES, conventions
 from analysis.study import FamilyResult, Settings, Study
 
@@ -36,6 +37,7 @@ def fits_dict(study: Study, source: dict) -> dict:
         "compute_gaps_skipped": [{"reference": k.reference, "other": k.other, "frontier": k.kind, "reason": k.reason}
                                  for k in study.skipped_gaps],
         "holdout": [vars(h) for h in study.holdout],
+        "data_constrained": repetition_dict(study.data_constrained) if study.data_constrained else None,
         "notes": study.notes,
     })
 
@@ -140,20 +142,22 @@ def write_report(study: Study, fits: dict, figures: dict[str, list[Path]], path:
 def _report_lines(study: Study, fits: dict, figures: dict[str, list[Path]]) -> list[str]:
     s = study.settings
     src = fits["input"]
-    pct = f"{LEVEL:.0%}"
-    lines = ["# IsoFLOP scaling analysis", "", *headline(study), "",
-             f"Input: {src.get('source')} ({src.get('n_runs')} usable runs; families: {', '.join(study.families)}). "
-             f"Intervals are {pct} percentile bootstrap intervals over {s.bootstrap} resamples (seed {s.seed}): "
-             "Approach 2 resamples the parabolas' residuals over the runs (a curve's model sizes are a design, "
-             "kept fixed), widened by t/z for the few degrees of freedom they leave, or the seeds within each size "
-             "where every size has two or more; Approach 3 resamples points within each budget. The compute gap's "
-             "band is bias-corrected (Efron's BC percentile interval). Replicate seeds are averaged into one point "
-             "per size, and a curve whose every point has a comparison error (seed-to-seed, else the MDM bound's "
-             "Monte Carlo error) is fitted weighted by it. "
-             f"Budgets within {s.budget_tolerance:.0%} of each other form one IsoFLOP curve. "
-             f"Losses are validation nats/token; N counts {SIZE_NAMES[s.compute]}."
-             + (f" E of the Chinchilla law is fixed to {_f(s.floor)} nats/token ({s.floor_source}), not fitted."
-                if s.floor is not None else ""), ""]
+    pct, families = f"{LEVEL:.0%}", ", ".join(src.get("families") or study.families)
+    lines = ["# IsoFLOP scaling analysis", ""]
+    lines += repetition_lines(study.data_constrained) if study.data_constrained else []
+    lines += [*headline(study), "",
+              f"Input: {src.get('source')} ({src.get('n_runs')} usable runs; families: {families}). "
+              f"Intervals are {pct} percentile bootstrap intervals over {s.bootstrap} resamples (seed {s.seed}): "
+              "Approach 2 resamples the parabolas' residuals over the runs (a curve's model sizes are a design, "
+              "kept fixed), widened by t/z for the few degrees of freedom they leave, or the seeds within each size "
+              "where every size has two or more; Approach 3 resamples points within each budget. The compute gap's "
+              "band is bias-corrected (Efron's BC percentile interval). Replicate seeds are averaged into one point "
+              "per size, and a curve whose every point has a comparison error (seed-to-seed, else the MDM bound's "
+              "Monte Carlo error) is fitted weighted by it. "
+              f"Budgets within {s.budget_tolerance:.0%} of each other form one IsoFLOP curve. "
+              f"Losses are validation nats/token; N counts {SIZE_NAMES[s.compute]}."
+              + (f" E of the Chinchilla law is fixed to {_f(s.floor)} nats/token ({s.floor_source}), not fitted."
+                 if s.floor is not None else ""), ""]
     if len(study.families) > 1:  # families are compared on the validation losses their runs logged
         lines += ["Note: an MDM's loss is the negative ELBO, an upper bound on its NLL, compared here directly with "
                   "an ARM's exact cross-entropy, as in the paper (docs/method.md §2).", ""]
@@ -185,7 +189,7 @@ def headline(study: Study) -> list[str]:
     """The answer first: the gap at a loss both families measured, with its band; or, where their measured
     losses do not meet, the extrapolated value and how far beyond the measured compute it reaches."""
     if not study.gaps:
-        reason = "see the notes" if len(study.families) > 1 else "one family only"
+        reason = "one family only" if len(study.families) == 1 else "see the notes"
         return [f"**No compute gap** ({reason}).", f"Compute axis: {compute_axis(study)}.",
                 *loss_ranges(study, POWER_LAW)]
     gap, lines = study.gaps[0], []
@@ -211,7 +215,8 @@ def sweep_note(study: Study, figures: dict[str, list[Path]]) -> str:
     """The sweep run's description in MLflow's UI (markdown): the answer with its compute axis, and the files
     attached under analysis/."""
     names = ["report.md", "fits.json", "runs.csv", *(p.name for paths in figures.values() for p in paths[:1])]
-    return "\n".join(["**IsoFLOP analysis** (`isoflop analyze`)", "", *headline(study), "",
+    repeated = repetition_headline(study.data_constrained) + [""] if study.data_constrained else []
+    return "\n".join(["**IsoFLOP analysis** (`isoflop analyze`)", "", *repeated, *headline(study), "",
                       "Under `analysis/`: " + ", ".join(f"`{name}`" for name in names) + " (each figure also as PDF)."])
 
 

@@ -2,12 +2,13 @@
 runs into the points the fits use.
 
 Schema: family, budget (C, FLOPs), params (N, non-embedding), tokens (D), loss (validation nats/token),
-plus optional run_id, status, flops_convention, entropy_rate_nats, seed, epochs, variant (the recipe values a
-run tried, e.g. "lr=0.002"; "" when none), val_stderr (std/sqrt(n) between validation sequences: the error of
-the absolute level, shared by every run since all are scored on the same sequences) and val_mc_stderr (the
-Monte Carlo error of an MDM's bound given those sequences; 0 for an ARM), and any downstream metrics
-`isoflop eval` logged, one column each, named as in MLflow (eval/<task>/<metric>; NaN for runs not
-evaluated). N and C are counted as in docs/method.md §3, the loss as in §2.
+plus optional run_id, status, flops_convention, entropy_rate_nats, seed, unique_tokens (the unique-data subset a
+run repeated, train.unique_tokens; NaN for a run on its whole corpus), epochs (passes over its data: tokens /
+unique_tokens where that is known), variant (the recipe values a run tried, e.g. "lr=0.002"; "" when none),
+val_stderr (std/sqrt(n) between validation sequences: the error of the absolute level, shared by every run since
+all are scored on the same sequences) and val_mc_stderr (the Monte Carlo error of an MDM's bound given those
+sequences; 0 for an ARM), and any downstream metrics `isoflop eval` logged, one column each, named as in MLflow
+(eval/<task>/<metric>; NaN for runs not evaluated). N and C are counted as in docs/method.md §3, the loss as in §2.
 
 Standard errors: a negative or infinite one is an error. So is one missing in some rows but not others of a
 file the user supplies (no guessing which runs it meant). A column absent or empty throughout is unknown,
@@ -15,7 +16,7 @@ and the fits are then unweighted. From MLflow, runs finished before val_mc_stder
 newer ones have it: a family with any run missing it has the column treated as unknown for all its runs
 (with a note), since weighting only some of a curve's points by it would mean nothing.
 
-From runs to points (best_variants, then average_seeds): at each (family, budget, params) the recipe
+From runs to points (best_variants, then average_seeds): at each (family, budget, params, unique_tokens) the recipe
 variant with the lowest mean loss over its seeds is kept; its seeds are averaged into one point whose
 comparison error loss_se is the std over seeds / sqrt(n_seeds) with >= 2 seeds (seed-to-seed variation,
 MC error included), else val_mc_stderr when known, else NaN. Runs without a seed are points of their own.
@@ -33,12 +34,12 @@ from pipeline.mlflow_keys import (EVAL_PREFIX, FINISHED, HASH_TAG, NOTE_TAG, SWE
 
 REQUIRED = ("budget", "params", "loss")
 COLUMNS = ("family", "budget", "params", "tokens", "loss", "run_id", "status", "flops_convention", "flops_spent",
-           "entropy_rate_nats", "seed", "epochs", "variant", "val_stderr", "val_mc_stderr")
+           "entropy_rate_nats", "seed", "unique_tokens", "epochs", "variant", "val_stderr", "val_mc_stderr")
 NUMERIC = ("budget", "params", "tokens", "loss")
 STDERRS = ("val_stderr", "val_mc_stderr")
 # NaN where missing; never drop a run
-OPTIONAL_NUMERIC = ("entropy_rate_nats", "seed", "epochs", "flops_spent", *STDERRS)
-POINT = ("family", "budget", "params", "variant")  # runs sharing these are replicate seeds of one point
+OPTIONAL_NUMERIC = ("entropy_rate_nats", "seed", "unique_tokens", "epochs", "flops_spent", *STDERRS)
+POINT = ("family", "budget", "params", "unique_tokens", "variant")  # runs sharing these are replicate seeds of a point
 PER_RUN = ("run_id", "status", "seed", *STDERRS)  # columns that describe a run, not its point
 MAX_LISTED = 6  # points named in a note before "and k more"
 
@@ -105,6 +106,9 @@ def conform(raw: pd.DataFrame, mapping: dict[str, str] | None = None) -> pd.Data
         df["tokens"] = df["budget"] / (6.0 * df["params"])
     else:  # rows with no token count (e.g. an MLflow run that never logged it) use the 6ND identity
         df["tokens"] = df["tokens"].fillna(df["budget"] / (6.0 * df["params"]))
+    if "unique_tokens" in df.columns:  # passes over the subset a run repeated, as the data-constrained law reads them
+        subset = df["tokens"] / df["unique_tokens"]
+        df["epochs"] = subset.where(df["unique_tokens"].notna(), df["epochs"] if "epochs" in df.columns else np.nan)
     return df.reset_index(drop=True)
 
 
@@ -160,8 +164,8 @@ def best_variants(runs: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     if "variant" not in runs.columns:
         return runs, None
     point = [c for c in POINT[:-1] if c in runs.columns]
-    mean = runs.groupby([*point, "variant"], sort=False)["loss"].mean()
-    per_point = mean.groupby(level=point, sort=False)
+    mean = runs.groupby([*point, "variant"], sort=False, dropna=False)["loss"].mean()  # NaN unique_tokens: a group
+    per_point = mean.groupby(level=point, sort=False, dropna=False)
     tried = per_point.size().to_numpy()
     if tried.max() < 2:
         return runs, None
@@ -261,6 +265,7 @@ def from_mlflow(experiment: str, tracking_uri: str | None = None, finished_only:
                          "flops_convention": params.get("flops_convention"),
                          "entropy_rate_nats": params.get("entropy_rate_nats"), "seed": params.get("seed"),
                          "epochs": params.get("epochs"), "flops_spent": params.get("flops_spent"),
+                         "unique_tokens": params.get("train.unique_tokens"),  # "None" for the whole corpus: NaN
                          "variant": run.data.tags.get(VARIANT_TAG, ""),
                          "val_stderr": metrics.get("val_stderr"), "val_mc_stderr": metrics.get("val_mc_stderr"),
                          "run_hash": run.data.tags[HASH_TAG],

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
@@ -14,6 +14,9 @@ from analysis.frontier import (POWER_LAW, SATURATING, Allocation, ComputeGap, Fr
 from analysis.isoflop import IsoflopFit, bucket_budgets, fit_isoflop
 from analysis.parametric import ParametricFit, fit_parametric
 from analysis.runs import average_seeds, best_variants
+
+if TYPE_CHECKING:
+    from analysis.repetition import Repetition
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class Settings:
     floor_source: str | None = None  # where that value came from, for the report
     holdout_largest: bool = False
     compute: str = "nominal"  # the compute axis the table's budgets and sizes are on (analysis/runs.py on_axis)
+    fit_rn_star: bool = False  # the data-constrained law discounts excess parameters too (--rn-star)
 
 
 @dataclass
@@ -78,6 +82,7 @@ class Study:
     notes: list[str]
     skipped_gaps: list[SkippedGap] = field(default_factory=list)
     other_axis: list[str] = field(default_factory=list)  # where the gap on the other compute axis leaves the band
+    data_constrained: Repetition | None = None  # where the runs repeated data (analysis/repetition.py)
 
 
 def analyze(table: pd.DataFrame, settings: Settings, log: Callable[[str], None] = print) -> Study:

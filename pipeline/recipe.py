@@ -87,6 +87,11 @@ class TrainConfig(BaseModel):
     max_epochs: float = Field(1.0, gt=0, json_schema_extra=SPEED_OR_BOOKKEEPING,
                               description="passes over the training split a run may make; a point needing more is "
                                           "refused before it trains (SMDM: one epoch)")
+    unique_tokens: int | None = Field(
+        None, gt=0, json_schema_extra=added(None),
+        description="train on the prefix of the training split holding this many tokens (its first unique_tokens // "
+                    "(seq_len + 1) blocks), repeated as the budget needs: epochs = D / unique_tokens, so raise "
+                    "max_epochs to allow it (Muennighoff et al. 2023); default: the whole split")
     val_blocks: int = Field(64, gt=0, description="held-out sequences in the validation set")
     eval_batch_size: int = Field(16, gt=0, description="sequences (or MDM draws) per validation forward pass")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="DeepSpeed settings passed to the engine "
@@ -123,6 +128,17 @@ class TrainConfig(BaseModel):
             raise ValueError("precision=bf16 needs zero_stage >= 1: there DeepSpeed keeps fp32 master weights that the "
                              "final model can be taken from (got zero_stage=0)")
         return self
+
+    @model_validator(mode="after")
+    def _subset_holds_a_block(self):
+        if self.unique_tokens is not None and self.unique_tokens < self.seq_len + 1:
+            raise ValueError(f"unique_tokens={self.unique_tokens} holds no training block of seq_len+1="
+                             f"{self.seq_len + 1} tokens")
+        return self
+
+    def unique_blocks(self) -> int | None:
+        """Training blocks of the unique-data subset (None: the whole training split)."""
+        return None if self.unique_tokens is None else self.unique_tokens // (self.seq_len + 1)
 
     def bf16_on(self, device_type: str) -> bool:
         return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda" and self.zero_stage >= 1)
@@ -260,13 +276,28 @@ class RunSpec(BaseModel):
                               f"{recipe.warmup_min_steps}, train.warmup_fraction={recipe.warmup_fraction})")
         if train_blocks is None:
             return plan
-        epochs = plan.steps * recipe.batch_size / max(train_blocks, 1)
+        blocks, source = self._trained_blocks(train_blocks)
+        epochs = plan.steps * recipe.batch_size / max(blocks, 1)
         if epochs > recipe.max_epochs:
             raise DataError(f"train.max_epochs: {self.family} {self.shape.label} at {self.budget:.3g} FLOPs trains on "
-                            f"{plan.steps * recipe.batch_size:,} sequences, {epochs:.4g} epochs of the corpus's "
-                            f"{train_blocks:,}, above train.max_epochs={recipe.max_epochs:g} (use a larger corpus, or "
+                            f"{plan.steps * recipe.batch_size:,} sequences, {epochs:.4g} epochs of {source}'s "
+                            f"{blocks:,}, above train.max_epochs={recipe.max_epochs:g} (use a larger corpus, or "
                             "raise max_epochs to repeat data on purpose)")
         return replace(plan, epochs=epochs)
+
+    def _trained_blocks(self, train_blocks: int) -> tuple[int, str]:
+        """(the blocks this run draws its batches from, what they are): the corpus's training blocks, or the
+        prefix train.unique_tokens asks for, which must fit in them."""
+        recipe = self.train
+        subset = recipe.unique_blocks()
+        if subset is None:
+            return train_blocks, "the corpus"
+        width = recipe.seq_len + 1
+        if subset > train_blocks:
+            raise DataError(f"train.unique_tokens: {recipe.unique_tokens:,} tokens ({subset:,} blocks of seq_len+1="
+                            f"{width}) is more than the corpus's training split holds: {train_blocks:,} blocks "
+                            f"({train_blocks * width:,} tokens)")
+        return subset, f"the unique_tokens={recipe.unique_tokens:,} subset"
 
     @property
     def run_hash(self) -> str:

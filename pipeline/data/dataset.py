@@ -14,7 +14,8 @@ Batches are pure functions of (seed, step, rank, world_size, batch_size, seq_len
 cut into non-overlapping blocks of seq_len + 1 tokens, visited in a seeded permutation per epoch, and
 global batch `step` takes the next batch_size * world_size blocks of that single stream, rank r taking
 the r-th slice. So 2 ranks of batch b read exactly what 1 rank of batch 2b reads, and a resumed run
-reads exactly the batches it would have read.
+reads exactly the batches it would have read. A run on a unique-data subset (`unique_tokens`) draws from the
+split's first unique_tokens // (seq_len + 1) blocks alone, the same prefix on every rank and every rerun.
 """
 from __future__ import annotations
 
@@ -72,14 +73,13 @@ class TokenDataset:
         return self.info.train_blocks(seq_len)
 
     def train_batch(self, *, step: int, rank: int, world_size: int, batch_size: int, seq_len: int,
-                    seed: int) -> torch.LongTensor:
-        """Rank `rank`'s [batch_size, seq_len + 1] share of global batch `step`."""
+                    seed: int, unique_tokens: int | None = None) -> torch.LongTensor:
+        """Rank `rank`'s [batch_size, seq_len + 1] share of global batch `step`, drawn from the whole split or
+        from the prefix of its blocks that holds `unique_tokens`."""
         if not (0 <= rank < world_size and batch_size > 0 and seq_len > 0 and step >= 0 and seed >= 0):
             raise DataError(f"train_batch: bad arguments step={step} rank={rank} world_size={world_size} "
                             f"batch_size={batch_size} seq_len={seq_len} seed={seed}")
-        n_blocks = self.num_train_blocks(seq_len)
-        if n_blocks < 1:
-            raise DataError(f"data: {self.info.path} has no training block of seq_len+1={seq_len + 1} tokens")
+        n_blocks = self._drawn_blocks(seq_len, unique_tokens)
         first = (step * world_size + rank) * batch_size  # position in the endless stream of blocks
         epoch, offset = np.divmod(np.arange(first, first + batch_size), n_blocks)
         blocks = np.empty(batch_size, dtype=np.int64)
@@ -87,6 +87,20 @@ class TokenDataset:
             here = epoch == e
             blocks[here] = _epoch_order(seed, int(e), n_blocks)[offset[here]]
         return self._blocks("train", blocks, seq_len)
+
+    def _drawn_blocks(self, seq_len: int, unique_tokens: int | None) -> int:
+        """How many blocks, from the first, batches are drawn from."""
+        n_blocks = self.num_train_blocks(seq_len)
+        if n_blocks < 1:
+            raise DataError(f"data: {self.info.path} has no training block of seq_len+1={seq_len + 1} tokens")
+        if unique_tokens is None:
+            return n_blocks
+        subset = unique_tokens // (seq_len + 1)
+        if not 1 <= subset <= n_blocks:
+            raise DataError(f"unique_tokens: {unique_tokens:,} tokens make {subset:,} blocks of seq_len+1="
+                            f"{seq_len + 1}; the training split of {self.info.path} holds {n_blocks:,} "
+                            f"({self.info.tokens['train']:,} tokens)")
+        return subset
 
     def val_blocks(self, *, seq_len: int, max_blocks: int) -> torch.LongTensor:
         """Up to max_blocks fixed blocks spread evenly over the val split; no seed involved."""

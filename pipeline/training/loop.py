@@ -193,7 +193,8 @@ def train_step(run: Run, step: int) -> tuple[torch.Tensor, float]:
     for m in range(run.accumulation):
         shard = run.rank * run.accumulation + m  # a virtual rank: the global batch is the same however it is split
         block = run.data.train_batch(step=step, rank=shard, world_size=run.world * run.accumulation,
-                                     batch_size=run.micro, seq_len=recipe.seq_len, seed=recipe.seed).to(run.device)
+                                     batch_size=run.micro, seq_len=recipe.seq_len, seed=recipe.seed,
+                                     unique_tokens=recipe.unique_tokens).to(run.device)
         noise = run.family.training_noise(recipe, step, shard, run.micro)
         if noise is not None:
             noise = noise.to(run.device)
