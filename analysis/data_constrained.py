@@ -19,7 +19,7 @@ import numpy as np
 from analysis.bootstrap import interval
 from analysis.lbfgs import minimize_batched
 from analysis.parametric import (GRID_STAGE_ITERATIONS, ChinchillaLaw, best_distinct, degenerate_reasons, e_bounds,
-                                 huber_lse, polish, refit_resamples, start_grid)
+                                 huber_lse, outside_start_grid, polish, refit_resamples, start_grid)
 
 NAMES = ("E", "A", "B", "alpha", "beta", "rd_star", "rn_star")
 R_STAR_BOUNDS = (1e-2, 1e4)  # half-lives in epochs: beyond 1e4 no study of ~100 epochs can tell them apart
@@ -124,7 +124,8 @@ def fit_data_constrained(params, tokens, unique, loss, *, delta: float = 1e-3, c
         draws[:, 0] = np.where(np.isnan(draws[:, 0]), np.nan, fixed_e)
         ci["E"] = None
     notes = _failed_note(draws, family)
-    degenerate = degenerate_reasons(law.fresh, ci, [], lowest, fixed_e is not None) + _half_life_reasons(law, ci)
+    degenerate = (degenerate_reasons(law.fresh, ci, outside_start_grid(theta, fixed_e), lowest, fixed_e is not None)
+                  + _half_life_reasons(law, ci))
     if degenerate:
         notes.append(f"{family}: degenerate data-constrained fit ({'; '.join(degenerate)})")
     return DataConstrainedFit(law, float(best), delta, ci, draws, len(log_l), degenerate, notes, fixed_e)

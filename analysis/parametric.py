@@ -149,8 +149,7 @@ def fit_parametric(params, tokens, loss, *, delta: float = 1e-3, counts: np.ndar
     coarse = minimize_batched(huber_objective(log_n, log_d, log_l, delta, dtype=np.float32), starts, lower=bounds[0],
                               upper=bounds[1], max_iter=GRID_STAGE_ITERATIONS, ftol=1e-7)
     start, theta, best = polish(objective, best_distinct(coarse), bounds)
-    grid_edge = [name for name, key, value in zip(NAMES, ("e", "a", "b", "alpha", "beta"), theta[[2, 0, 1, 3, 4]])
-                 if _beyond(GRID[key], value) and not (key == "e" and fixed_e is not None)]
+    grid_edge = outside_start_grid(theta, fixed_e)
     draws, ci = np.empty((0, 5)), {k: None for k in NAMES}
     if counts is not None and len(counts):
         draws, ci = _bootstrap(log_n, log_d, log_l, delta, counts, theta, fixed_e, family, notes)
@@ -165,6 +164,13 @@ def fit_parametric(params, tokens, loss, *, delta: float = 1e-3, counts: np.ndar
                      "for a compute gap")
     return ParametricFit(law=law, objective=float(best), delta=delta, ci=ci, draws=draws, grid_edge=grid_edge,
                          notes=notes, degenerate=degenerate, fixed_e=fixed_e, start=start)
+
+
+def outside_start_grid(theta: np.ndarray, fixed_e: float | None = None) -> list[str]:
+    """The Chinchilla parameters of theta = (a, b, e, alpha, beta, ...) fitted more than one grid step outside the
+    start grid: where the optimiser ran off, the runs do not pin them down."""
+    return [name for name, key, value in zip(NAMES, ("e", "a", "b", "alpha", "beta"), theta[[2, 0, 1, 3, 4]])
+            if _beyond(GRID[key], value) and not (key == "e" and fixed_e is not None)]
 
 
 def e_bounds(log_l_min: float, rows: int, fixed_e: float | None = None,

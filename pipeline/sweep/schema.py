@@ -46,7 +46,7 @@ class SizeRule(BaseModel):
                                            "N*, add sizes beyond an edge optimum, place matched budgets")
     extend: int = Field(6, ge=0, description="with `adapt`: sizes a budget may add beyond its first window")
     ladder: Literal["cpu", "cpu16"] = Field("cpu", description="the registry ladder sizes are picked from below "
-                                            "5M (the paper's shapes above): `cpu16` keeps heads 16 wide (one head below width 16)")
+                                            "5M (the paper's shapes above): `cpu16` keeps heads 16-20 wide (one head below width 32)")
     shapes: list[str | dict] = Field(default_factory=list, description="shapes added to the ladder sizes are "
                                      "picked from (registry names or inline {n_layer, n_head, d_model, d_ff})")
 
