@@ -31,7 +31,8 @@ def repetition_headline(rep: Repetition) -> list[str]:
     """The answer first: each family's R*_D with its band, their ratio, and where the losses cross."""
     if not rep.families:
         return ["**Data-constrained law not fitted** (see the notes)."]
-    half_lives = ", ".join(f"{name} {_half_life(f)}" for name, f in rep.families.items())
+    half_lives = ", ".join(f"{name} {_half_life(f)}" + (" (a degenerate fit: see below)" if f.fit.degenerate else "")
+                           for name, f in rep.families.items())
     lines = [f"**Repetition half-life R*_D (epochs, {LEVEL:.0%} band): {half_lives}.**"]
     lines += [f"R*_D of {r.other} / {r.reference}: {_v(r.value, (r.lo, r.hi))}." for r in rep.ratios]
     return lines + [_crossover_sentence(c) for c in rep.crossovers]
