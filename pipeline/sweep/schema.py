@@ -243,6 +243,8 @@ class SweepConfig(BaseModel):
     search: dict[str, SearchSpace] = Field(default_factory=dict, validation_alias="train",
                                            description="searched recipe keys: every grid point runs once per variant")
     search_seed: int = Field(0, description="seeds the draws of sampled keys: a re-run draws the same values")
+    ladder: bool = Field(False, description="train each (family, size, seed, variant) once at constant lr and branch "
+                         "each budget's wsd cooldown from it (pipeline/sweep/ladder.py); needs train.schedule: wsd")
     resources: Resources = Resources()
     tracking_uri: str = DEFAULT_TRACKING_URI
     storage: str = Field("ray_results", description="a folder every node can reach (local disk on one machine, "
@@ -371,6 +373,26 @@ class SweepConfig(BaseModel):
             raise ValueError(f"sizes.adapt: plans one IsoFLOP curve per budget, but unique_tokens: "
                              f"{self.unique_tokens} makes one per unique-data size; list the models or sizes in a "
                              "fixed grid")
+        return self
+
+    @model_validator(mode="after")
+    def _ladder_settings(self):
+        """A ladder branches wsd cooldowns off a constant-lr run: it needs that schedule, set once for every run, a
+        stable phase to share, and a fixed grid (the planner places points as runs finish)."""
+        if not self.ladder:
+            return self
+        if "schedule" in self.search:
+            raise ValueError("ladder: true needs one schedule, wsd, for every run, but train.schedule is searched "
+                             f"({self.search['schedule'].grid_search})")
+        if self.train.schedule != "wsd":
+            raise ValueError(f"ladder: true branches each point's cooldown from a run held at constant lr, which needs "
+                             f"train.schedule: wsd (got {self.train.schedule}); add schedule: wsd under train:")
+        if self.train.decay_fraction == 1:
+            raise ValueError("ladder: true shares the steps before each run's decay, but train.decay_fraction=1 "
+                             "decays over the whole run, leaving none to share")
+        if self.adaptive:
+            raise ValueError("ladder: true plans its stable runs from the whole grid, but sizes.adapt places points "
+                             "as runs finish; the two do not combine yet (list the models or use a fixed size rule)")
         return self
 
     @field_validator("models")
