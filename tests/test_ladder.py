@@ -1,0 +1,223 @@
+"""Ladder sweeps (`ladder: true`): one stable run per size, a wsd cooldown branch per budget. The plan is a pure
+function of the grid; a branch trains bit for bit what its point trained whole would; end-to-end sweeps (slow)
+train every point once, survive SIGKILLs of stable runs and branches, and train fewer FLOPs than point by point."""
+import re
+
+import pytest
+
+from helpers import TRAIN, write_sweep
+from pipeline.errors import SweepError
+from pipeline.model.flops import budget_for_steps
+from pipeline.model.shapes import resolve_shape
+from pipeline.recipe import RunSpec, TrainConfig
+from pipeline.sweep.grid import expand_grid, load_sweep
+from pipeline.sweep.ladder import (branch_step, finished_steps, ladder_work, plan_ladder, start_step, warmup_warnings)
+from pipeline.sweep.progress import DONE, RUNNING, PointState
+from pipeline.sweep.schema import SweepConfig
+from pipeline.training import kept_checkpoints
+
+MDM_BUDGETS = [1e11, 1.8e11, 3.2e11, 5.6e11, 1e12]
+WSD = {"seq_len": 128, "batch_size": 8, "schedule": "wsd", "warmup_fraction": 0.0, "warmup_min_steps": 10,
+       "min_steps": 40}
+
+
+def sweep_config(train=None, **fields) -> SweepConfig:
+    settings = {"name": "lad", "data": "unused", "families": ["mdm"], "budgets": MDM_BUDGETS, "ladder": True,
+                "sizes": {"per_budget": 5, "span": 6, "tokens_per_param": 600}, "train": {**WSD, **(train or {})}}
+    return SweepConfig(**{**settings, **fields})
+
+
+def grid(sweep: SweepConfig):
+    points, _ = expand_grid(sweep, 512)
+    return points
+
+
+def test_a_ladder_needs_wsd_once_for_every_run_and_a_fixed_grid(tmp_path):
+    wsd = {**TRAIN, "schedule": "wsd"}
+    cases = [({"train": TRAIN}, "ladder: true branches each point's cooldown from a run held at constant lr, which "
+                                "needs train.schedule: wsd (got cosine)"),
+             ({"train": {**wsd, "schedule": ["cosine", "wsd"]}}, "train.schedule is searched"),
+             ({"train": {**wsd, "decay_fraction": 1.0}}, "decays over the whole run, leaving none to share"),
+             ({"train": wsd, "models": None, "sizes": {"adapt": True}}, "sizes.adapt places points as runs finish")]
+    for i, (overrides, message) in enumerate(cases):
+        with pytest.raises(SweepError, match=re.escape(message)):
+            load_sweep(write_sweep(tmp_path, name=f"bad{i}", ladder=True, **overrides))
+    assert load_sweep(write_sweep(tmp_path, name="good", ladder=True, train=wsd)).ladder
+
+
+def test_one_stable_run_per_size_branching_where_each_budgets_decay_starts():
+    points = grid(sweep_config())
+    ladder = plan_ladder(points)
+    assert not ladder.alone and len(ladder.branches) == len(points) == 25
+    shapes = [run.spec.shape.label for run in ladder.stable]
+    assert len(shapes) == len(set(shapes)) == 7  # the five budgets' windows overlap: 7 sizes in all
+    for run in ladder.stable:
+        assert [b.step for b in run.branches] == sorted(b.step for b in run.branches)
+        for b in run.branches:  # the branch is the point's own run, branching where its wsd decay starts
+            recipe, steps = b.point.spec.train, b.point.plan.steps
+            assert b.step == branch_step(b.point) == steps - recipe.decay_steps(steps)
+            assert b.point.spec.shape == run.spec.shape
+        assert run.spec == run.branches[-1].point.spec and run.end == run.branches[-1].step
+        assert run.warmup == 10
+    # the acceptance's five-budget MDM range: at most 0.7x the FLOPs of the same grid point by point
+    by_point = sum(p.plan.flops for p in points)
+    assert ladder.flops <= 0.7 * by_point
+    # what is trained: each stable run to its last branch step, each branch from its step to the point's end
+    steps = sum(run.end for run in ladder.stable) + sum(b.steps for b in ladder.branches)
+    assert steps < sum(p.plan.steps for p in points)
+
+
+def test_a_stable_run_is_named_by_what_its_shared_steps_depend_on():
+    base = plan_ladder(grid(sweep_config()))
+    fewer = plan_ladder(grid(sweep_config(budgets=MDM_BUDGETS[:3])))
+    by_shape = {run.spec.shape.label: run.run_hash for run in base.stable}
+    for run in fewer.stable:  # a budget more or less: the same stable run, trained further or not
+        assert by_shape[run.spec.shape.label] == run.run_hash
+    # the decay's settings do not touch the shared steps; the peak lr and the seed do
+    assert {r.run_hash for r in plan_ladder(grid(sweep_config({"decay_shape": "1-sqrt", "min_lr_ratio": 0.05}))).stable} \
+        == set(by_shape.values())
+    assert not {r.run_hash for r in plan_ladder(grid(sweep_config({"lr": 1e-3}))).stable} & set(by_shape.values())
+    seeds = plan_ladder(grid(sweep_config(seeds=[0, 1])))
+    assert len(seeds.stable) == 2 * len(base.stable)
+
+
+def test_searched_variants_each_get_their_stable_runs_and_a_size_at_one_budget_trains_alone():
+    sweep = sweep_config({"lr": [1e-3, 2e-3]}, budgets=[1e11, 1e12], models=["cpu-9k", "cpu-33k"], sizes=None)
+    ladder = plan_ladder(grid(sweep))
+    assert len(ladder.stable) == 4 and not ladder.alone  # 2 sizes x 2 lr, each at both budgets
+    one = plan_ladder(grid(sweep_config(budgets=[1e11])))
+    assert not one.stable and len(one.alone) == 5 and one.flops == sum(p.plan.flops for p in one.alone)
+
+
+def test_warmups_scaled_with_the_steps_split_the_stable_runs_and_say_so():
+    points = grid(sweep_config({"warmup_fraction": 0.01}))
+    ladder = plan_ladder(points)
+    assert ladder.flops == pytest.approx(sum(p.plan.flops for p in points))  # every warmup differs: nothing shared
+    lines = warmup_warnings(points)
+    assert any("mdm cpu-9k (seed 0) warms up over 18, 32, 57, 99, 176 steps at its 5 budgets" in line
+               and "train.warmup_fraction: 0" in line for line in lines)
+    assert not warmup_warnings(grid(sweep_config()))
+
+
+def test_the_work_left_after_a_kill():
+    ladder = plan_ladder(grid(sweep_config()))
+    run = next(r for r in ladder.stable if len(r.branches) == 5)
+    steps = [b.step for b in run.branches]
+    hashes = [b.point.spec.run_hash for b in run.branches]
+    everything = {b.point.spec.run_hash for b in ladder.branches}
+    # nothing done: every stable run trains every step
+    fresh = ladder_work(ladder, everything, kept=lambda r: set(), resumable=lambda p: False)
+    assert len(fresh.stable) == len(ladder.stable) and len(fresh.branches) == 25
+    # killed midway: two branches finished, one kept checkpoint still serves, one branch has its own checkpoint
+    todo = everything - set(hashes[:2])
+    work = ladder_work(ladder, todo, kept=lambda r: {steps[2]} if r is run else set(),
+                       resumable=lambda p: p.spec.run_hash == hashes[3])
+    assert dict((r.run_hash, needed) for r, needed in work.stable)[run.run_hash] == (steps[4],)
+    assert [b.step for r, b in work.branches if r is run] == steps[2:]
+    # all branches finished: the stable run is not trained again
+    done = ladder_work(ladder, everything - set(hashes), kept=lambda r: set(), resumable=lambda p: False)
+    assert run.run_hash not in {r.run_hash for r, _ in done.stable}
+    assert finished_steps(run, set(hashes[:2])) == steps[:2]
+
+
+def test_a_stable_run_resumes_from_its_newest_checkpoint_before_the_first_step_it_lacks():
+    assert start_step((300, 500), kept={100}, latest=250) == 250  # killed after a periodic checkpoint
+    assert start_step((300, 500), kept={100, 300}, latest=None) == 300  # ... after a kept one
+    assert start_step((300,), kept={400}, latest=450) is None  # only later ones: from the start
+    assert start_step((300,), kept=set(), latest=None) is None
+
+
+def test_the_board_weighs_a_stable_run_and_a_branch_by_the_steps_they_train():
+    branch = PointState("b", "mdm", "cpu-9k", 1e12, RUNNING, step=75, steps=100, role="branch from 50", first=50,
+                        work=5e11)
+    assert branch.flops_done == pytest.approx(2.5e11) and branch.flops_left == pytest.approx(2.5e11)
+    stable = PointState("s", "mdm", "cpu-9k", 1e12, DONE, role="stable", work=8e11)
+    assert stable.flops_done == 8e11 and stable.flops_left == 0
+
+
+def test_kept_checkpoints_are_complete_tag_folders(tmp_path):
+    folder = tmp_path / "checkpoints"
+    for step in (10, 20):
+        (folder / kept_checkpoints.tag(step)).mkdir(parents=True)
+    kept_checkpoints.mark(folder, 20)
+    (folder / kept_checkpoints.LATEST).write_text(kept_checkpoints.tag(10))
+    assert kept_checkpoints.kept_steps(folder) == {20} and kept_checkpoints.latest_step(folder) == 10
+    kept_checkpoints.drop(folder, 20)
+    assert kept_checkpoints.kept_steps(folder) == set() and not (folder / kept_checkpoints.tag(20)).exists()
+
+
+def test_dry_run_prints_the_ladder_against_the_grid_point_by_point(tmp_path, capsys):
+    from pipeline.sweep.driver import run_sweep
+
+    train = {**TRAIN, "schedule": "wsd", "warmup_fraction": 0.0}
+    path = write_sweep(tmp_path, name="lad-dry", families=["mdm"], budgets=[4e9, 8e9, 1.6e10], ladder=True, train=train)
+    assert run_sweep(path, dry_run=True) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"stable-mdm-cpu-26k-\w{12}\s+2\s+\d+ \(4e\+09\), \d+ \(8e\+09\), \d+ \(1\.6e\+10\)", out)
+    ratio = float(re.search(r"ladder: 2 stable runs, 6 branches and 0 points alone train .* FLOPs .*, ([\d.]+)x the",
+                            out).group(1))
+    assert 0.5 < ratio < 0.7
+
+
+# --- training: a branch is its point's run ---
+
+SHAPE = resolve_shape("{n_layer: 1, n_head: 2, d_model: 32}")
+RECIPE = TrainConfig(**{**TRAIN, "schedule": "wsd", "warmup_fraction": 0.0, "warmup_min_steps": 4,
+                        "checkpoint_every": 7, "log_every": 1, "zero_stage": 2})
+
+
+class Rows:
+    def __init__(self):
+        self.rows = []
+
+    def metrics(self, rows):
+        self.rows += [dict(r) for r in rows]
+
+    def progress(self, row, steps):
+        pass
+
+    def checkpoint(self, step, directory, metrics):
+        pass
+
+
+def point(steps: int) -> RunSpec:
+    budget = budget_for_steps(SHAPE, steps, batch_size=RECIPE.batch_size, seq_len=RECIPE.seq_len)
+    return RunSpec(family="mdm", shape=SHAPE, budget=budget, train=RECIPE)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from pipeline.data.synthetic import synthetic
+
+    return synthetic(tmp_path_factory.mktemp("data") / "synthetic", tokens=100_000, seed=0).path
+
+
+def test_a_branch_trains_bit_for_bit_what_its_point_trains_whole(corpus, tmp_path, one_torch_thread):
+    """A stable run to the longer point's decay, keeping a checkpoint where the shorter's decay starts; each branch
+    from there equals its point trained whole from step 0, loss by loss, and a fresh run that loads the
+    checkpoint and decays (the branch's own folder holds no checkpoint) gives the same curve."""
+    from pipeline.training.loop import train
+
+    short, long = point(30), point(50)
+    steps = {"short": short.plan(512).steps, "long": long.plan(512).steps}
+    b_short, b_long = (spec.train.decay_start(steps[name]) for name, spec in (("short", short), ("long", long)))
+    assert (b_short, b_long) == (24, 40)
+    stable = tmp_path / "stable"
+    rows = Rows()
+    assert train(long, corpus, stable, reporter=rows, stop_at=b_long, keep_at=frozenset({b_short, b_long}),
+                 verbose=False) is None
+    kept = stable / "checkpoints"
+    assert kept_checkpoints.kept_steps(kept) == {b_short, b_long}  # the periodic ones (7, 14, ...) are gone
+    assert {p.name for p in kept.glob("step*")} == {kept_checkpoints.tag(b_short), kept_checkpoints.tag(b_long)}
+    for name, spec, b in (("short", short, b_short), ("long", long, b_long)):
+        whole, branch = Rows(), Rows()
+        full = train(spec, corpus, tmp_path / f"whole-{b}", reporter=whole, verbose=False)
+        result = train(spec, corpus, tmp_path / f"branch-{b}", reporter=branch, resume_from=kept / kept_checkpoints.tag(b),
+                       verbose=False)
+        assert result.resumed_from_step == b and [r["step"] for r in branch.rows] == list(range(b + 1, steps[name] + 1))
+        assert [r["loss"] for r in branch.rows] == [r["loss"] for r in whole.rows[b:]]  # bit for bit
+        assert [r["lr"] for r in branch.rows] == [r["lr"] for r in whole.rows[b:]]
+        assert result.val_loss == full.val_loss
+        # the stable run's steps before b are the point's own
+        assert [r["loss"] for r in rows.rows[:b]] == [r["loss"] for r in whole.rows[:b]]
+    assert kept_checkpoints.kept_steps(kept) == {b_short, b_long}  # a branch reads its checkpoint, never moves it
