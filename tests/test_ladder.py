@@ -34,11 +34,14 @@ def grid(sweep: SweepConfig):
 
 def test_a_ladder_needs_wsd_once_for_every_run_and_a_fixed_grid(tmp_path):
     wsd = {**TRAIN, "schedule": "wsd"}
-    cases = [({"train": TRAIN}, "ladder: true branches each point's cooldown from a run held at constant lr, which "
-                                "needs train.schedule: wsd (got cosine)"),
-             ({"train": {**wsd, "schedule": ["cosine", "wsd"]}}, "train.schedule is searched"),
-             ({"train": {**wsd, "decay_fraction": 1.0}}, "decays over the whole run, leaving none to share"),
-             ({"train": wsd, "models": None, "sizes": {"adapt": True}}, "sizes.adapt places points as runs finish")]
+    cases = [({"train": TRAIN}, "ladder: true branches cooldowns off a run held at constant lr, which needs "
+                                "train.schedule: wsd for every run (got cosine)"),
+             ({"train": {**wsd, "schedule": ["cosine", "wsd"]}}, "train.schedule: wsd for every run (got ['cosine', "
+                                                                  "'wsd'])"),
+             ({"train": {**wsd, "decay_fraction": 1.0}},
+              "ladder: true shares the steps before each decay: train.decay_fraction=1 has none"),
+             ({"train": wsd, "models": None, "sizes": {"adapt": True}},
+              "but sizes.adapt places points as runs finish: the two do not combine yet")]
     for i, (overrides, message) in enumerate(cases):
         with pytest.raises(SweepError, match=re.escape(message)):
             load_sweep(write_sweep(tmp_path, name=f"bad{i}", ladder=True, **overrides))

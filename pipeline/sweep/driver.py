@@ -47,19 +47,7 @@ def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str
     for reason in plan.dropped if not plan.schedule else ():  # the planner's decisions say what it left out
         print(f"dropped: {reason}")
     if dry_run:
-        if plan.schedule:
-            print("\n".join(f"[planner] {line}" for line in plan.schedule.decisions))
-        print(format_grid(plan.points))
-        for warning in spent_warnings(plan.points) + (warmup_warnings(plan.points) if plan.ladder else []):
-            print(warning)
-        print(f"{len(plan.points)} runs, {sum(p.plan.flops for p in plan.points):.3g} FLOPs in all "
-              f"({sum(p.plan.flops_spent for p in plan.points):.3g} spent)"
-              + (" placed so far; the planner places the rest as these finish" if plan.schedule else ""))
-        if plan.ladder:
-            print(format_ladder(plan.ladder, plan.points))
-        if plan.schedule:
-            print("\n".join(f"waiting: {line}" for line in plan.schedule.waiting))
-        print(format_loss_ranges(tracking.measured_losses(plan.tracking_uri, plan.sweep.name)))
+        print_dry_run(plan)
         return 0
     todo, failed = pending_points(plan, rerun_failed)
     if plan.ladder:  # checkpoints whose branches finished before the last session ended
@@ -100,6 +88,23 @@ def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str
           f"{unfinished - diverged} errored, {outcome.count(Outcome.SKIPPED)} finished by another sweep "
           f"meanwhile; results in MLflow experiment '{plan.sweep.name}' at {plan.tracking_uri}")
     return 1 if status == FAILED else 0
+
+
+def print_dry_run(plan: SweepPlan) -> None:
+    """The grid, its FLOPs (a ladder's against the same grid point by point), and what is measured so far."""
+    if plan.schedule:
+        print("\n".join(f"[planner] {line}" for line in plan.schedule.decisions))
+    print(format_grid(plan.points))
+    for warning in spent_warnings(plan.points) + (warmup_warnings(plan.points) if plan.ladder else []):
+        print(warning)
+    print(f"{len(plan.points)} runs, {sum(p.plan.flops for p in plan.points):.3g} FLOPs in all "
+          f"({sum(p.plan.flops_spent for p in plan.points):.3g} spent)"
+          + (" placed so far; the planner places the rest as these finish" if plan.schedule else ""))
+    if plan.ladder:
+        print(format_ladder(plan.ladder, plan.points))
+    if plan.schedule:
+        print("\n".join(f"waiting: {line}" for line in plan.schedule.waiting))
+    print(format_loss_ranges(tracking.measured_losses(plan.tracking_uri, plan.sweep.name)))
 
 
 def pending_points(plan: SweepPlan, rerun_failed: bool) -> tuple[list[GridPoint], list[GridPoint]]:

@@ -1,7 +1,6 @@
 """The sweep file's schema: the IsoFLOP grid, the recipe and its searched keys, the resources, the data and
 where results go. Loaded and expanded into run specs by `pipeline.sweep.grid`; pydantic reports every
-problem at once, each naming its field.
-"""
+problem at once, each naming its field."""
 from __future__ import annotations
 
 import math
@@ -243,8 +242,7 @@ class SweepConfig(BaseModel):
     search: dict[str, SearchSpace] = Field(default_factory=dict, validation_alias="train",
                                            description="searched recipe keys: every grid point runs once per variant")
     search_seed: int = Field(0, description="seeds the draws of sampled keys: a re-run draws the same values")
-    ladder: bool = Field(False, description="train each (family, size, seed, variant) once at constant lr and branch "
-                         "each budget's wsd cooldown from it (pipeline/sweep/ladder.py); needs train.schedule: wsd")
+    ladder: bool = Field(False, description="a stable run per size, a wsd cooldown per budget (pipeline/sweep/ladder.py)")
     resources: Resources = Resources()
     tracking_uri: str = DEFAULT_TRACKING_URI
     storage: str = Field("ray_results", description="a folder every node can reach (local disk on one machine, "
@@ -377,22 +375,16 @@ class SweepConfig(BaseModel):
 
     @model_validator(mode="after")
     def _ladder_settings(self):
-        """A ladder branches wsd cooldowns off a constant-lr run: it needs that schedule, set once for every run, a
-        stable phase to share, and a fixed grid (the planner places points as runs finish)."""
-        if not self.ladder:
-            return self
-        if "schedule" in self.search:
-            raise ValueError("ladder: true needs one schedule, wsd, for every run, but train.schedule is searched "
-                             f"({self.search['schedule'].grid_search})")
-        if self.train.schedule != "wsd":
-            raise ValueError(f"ladder: true branches each point's cooldown from a run held at constant lr, which needs "
-                             f"train.schedule: wsd (got {self.train.schedule}); add schedule: wsd under train:")
-        if self.train.decay_fraction == 1:
-            raise ValueError("ladder: true shares the steps before each run's decay, but train.decay_fraction=1 "
-                             "decays over the whole run, leaving none to share")
-        if self.adaptive:
-            raise ValueError("ladder: true plans its stable runs from the whole grid, but sizes.adapt places points "
-                             "as runs finish; the two do not combine yet (list the models or use a fixed size rule)")
+        """A ladder needs wsd for every run, a stable phase to share and a fixed grid (pipeline/sweep/ladder.py)."""
+        schedule = self.search["schedule"].grid_search if "schedule" in self.search else self.train.schedule
+        refusals = [(schedule != "wsd", "branches cooldowns off a run held at constant lr, which needs "
+                     f"train.schedule: wsd for every run (got {schedule}); set schedule: wsd under train:"),
+                    (self.train.decay_fraction == 1, "shares the steps before each decay: train.decay_fraction=1 has none"),
+                    (self.adaptive, "plans stable runs from the whole grid, but sizes.adapt places points as runs "
+                     "finish: the two do not combine yet (list the models or use a fixed size rule)")]
+        for refused, why in refusals if self.ladder else ():
+            if refused:
+                raise ValueError(f"ladder: true {why}")
         return self
 
     @field_validator("models")
