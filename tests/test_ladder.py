@@ -2,6 +2,8 @@
 function of the grid; a branch trains bit for bit what its point trained whole would; end-to-end sweeps (slow)
 train every point once, survive SIGKILLs of stable runs and branches, and train fewer FLOPs than point by point."""
 import re
+import signal
+import time
 
 import pytest
 
@@ -224,3 +226,135 @@ def test_a_branch_trains_bit_for_bit_what_its_point_trains_whole(corpus, tmp_pat
         # the stable run's steps before b are the point's own
         assert [r["loss"] for r in rows.rows[:b]] == [r["loss"] for r in whole.rows[:b]]
     assert kept_checkpoints.kept_steps(kept) == {b_short, b_long}  # a branch reads its checkpoint, never moves it
+
+
+# --- end to end ---
+
+LADDER_TRAIN = {**TRAIN, "schedule": "wsd", "warmup_fraction": 0.0}
+# long enough for a kill to land mid-way in a stable run and in a branch on a 2-core machine
+KILL_BUDGETS, KILL_EPOCHS = [3e10, 1e11, 2e11], 4
+
+
+def stable_runs(uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], "tags.`isoflop.ladder.stable` != ''", max_results=100)
+
+
+def kept_anywhere(storage) -> list:
+    return [p for p in storage.glob("ladder/*/checkpoints/step*") if kept_checkpoints.is_kept(p)]
+
+
+@pytest.mark.slow
+def test_ladder_sweep_trains_each_point_once_as_a_branch_of_its_stable_run(tmp_path):
+    from helpers import assert_one_finished_run_per_point, isoflop
+
+    path = write_sweep(tmp_path, name="lad", families=["mdm"], budgets=[4e9, 8e9, 1.6e10], ladder=True,
+                       train=LADDER_TRAIN)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = isoflop("sweep", str(path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ladder: 2 stable runs to train" in proc.stdout and "ladder: 2 stable runs trained, 0 failed" in proc.stdout
+    client, runs = assert_one_finished_run_per_point(uri, "lad", 6)
+    stable = {r.data.tags["isoflop.ladder.stable"]: r for r in stable_runs(uri, "lad")}
+    assert len(stable) == 2 and {r.info.status for r in stable.values()} == {"FINISHED"}
+    points = {p.spec.run_hash: p for p in plan_ladder_of(path).branches}
+    trained = 0
+    for run in runs:  # each point is a branch: its own run, linked to its stable run, started at its decay
+        branch = points[run.data.tags["isoflop.run_hash"]]
+        assert run.data.tags["isoflop.ladder.branch_step"] == str(branch.step)
+        assert run.data.tags["isoflop.ladder.branch_of"] in stable
+        assert run.data.tags["isoflop.resumed"] == f"resumed at step {branch.step}"
+        assert min(m.step for m in client.get_metric_history(run.info.run_id, "loss")) > branch.step
+        trained += branch.steps
+    for run in stable.values():
+        trained += max(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert trained < sum(p.point.plan.steps for p in points.values())
+    assert not kept_anywhere(tmp_path / "ray")  # every branch finished: its checkpoint went
+    table = isoflop("runs", "--experiment", "lad", "--tracking-uri", uri, "--out", str(tmp_path / "runs.csv"))
+    assert table.returncode == 0, table.stderr[-2000:]
+    assert len((tmp_path / "runs.csv").read_text().strip().splitlines()) == 1 + 6  # the grid points, no stable run
+    again = isoflop("sweep", str(path))
+    assert again.returncode == 0 and "6 finished" in again.stdout and "0 to run" in again.stdout
+
+
+def plan_ladder_of(path):
+    from pipeline.data.dataset import load_dataset
+    from pipeline.sweep.ladder import plan_ladder
+
+    sweep, data = load_sweep(path), load_dataset(load_sweep(path).data.path).info
+    points, _ = expand_grid(sweep, data.vocab_size, data.fingerprint, data.train_blocks(sweep.train.seq_len))
+    return plan_ladder(points)
+
+
+def kill_when(driver, ready, what: str, timeout: float = 600) -> None:
+    """SIGKILL the sweep `driver` as soon as `ready()` holds; fail if it ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and driver.poll() is None and not ready():
+        time.sleep(0.1)
+    assert driver.poll() is None, f"the sweep ended before {what}:\n" + driver.communicate()[0][-3000:]
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    time.sleep(5)  # a trial past its last step may still record its finish as Ray winds down
+
+
+@pytest.mark.slow
+def test_sigkilled_ladder_sweep_mid_stable_run_and_mid_branch_trains_nothing_twice(tmp_path):
+    """Kill the sweep while its stable runs train, rerun it and kill it again while a branch trains (past its own
+    first checkpoint), then rerun to the end: one finished run per point, every resume at a checkpoint."""
+    from helpers import assert_one_finished_run_per_point, isoflop, larger_corpus, start_sweep
+
+    train = {**LADDER_TRAIN, "checkpoint_every": 20, "max_epochs": KILL_EPOCHS}
+    path = write_sweep(tmp_path, name="lad-kill", families=["mdm"], budgets=KILL_BUDGETS, ladder=True,
+                       train=train, data=larger_corpus(tmp_path))
+    uri, storage = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "ray"
+    ladder = plan_ladder_of(path)
+    folders = {run.run_hash: storage / "ladder" / run.run_hash / "checkpoints" for run in ladder.stable}
+
+    ends = {run.run_hash: run.end for run in ladder.stable}
+
+    def stable_midway() -> dict:  # stable runs past a checkpoint, not yet at their last step
+        steps = {h: kept_checkpoints.latest_step(f) for h, f in folders.items()}
+        return {h: s for h, s in steps.items() if s and s < ends[h]}
+
+    kill_when(start_sweep(path), lambda: bool(stable_midway()), "a stable run checkpointed")
+    at_kill = stable_midway()  # after the kill has settled: these were interrupted
+    assert at_kill, "every stable run ended before the kill took effect; make KILL_BUDGETS larger"
+
+    branches = {b.point.spec.run_hash: b for b in ladder.branches}
+
+    def branch_midway() -> dict:  # branches past their own checkpoint, not finished
+        found = {}
+        for run_hash, branch in branches.items():
+            folder = storage / "runs" / run_hash
+            step = kept_checkpoints.latest_step(folder / "checkpoints")
+            if step and not (folder / "result.json").exists():
+                found[run_hash] = step
+        return found
+
+    kill_when(start_sweep(path), lambda: bool(branch_midway()), "a branch checkpointed")
+    killed_branches = branch_midway()
+    assert killed_branches, "every branch ended before the kill took effect; make KILL_BUDGETS larger"
+    proc = isoflop("sweep", str(path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client, runs = assert_one_finished_run_per_point(uri, "lad-kill", len(branches))
+    for run in runs:
+        run_hash = run.data.tags["isoflop.run_hash"]
+        if run_hash in killed_branches:  # resumed from its own checkpoint (at or after the one seen), not the stable's
+            resumed = int(run.data.tags["isoflop.resumed"].removeprefix("resumed at step "))
+            assert resumed >= killed_branches[run_hash] > branches[run_hash].step and resumed % 20 == 0
+    # each stable run resumed from its checkpoint: the second session said so, at or after the step seen at the kill
+    for run_hash, step in at_kill.items():
+        run = next(r for r in ladder.stable if r.run_hash == run_hash)
+        log = (storage / "logs" / f"{run.run_name}.log").read_text()
+        starts = [int(s) for s in re.findall(rf"\[{run.run_name}\] stable run: .*; from step (\d+)", log)]
+        assert starts[0] == 0 and len(starts) >= 2 and starts[1] >= step, starts
+        assert starts[1] % 20 == 0 or starts[1] in run.steps, starts  # a periodic or a kept checkpoint
+    stable = stable_runs(uri, "lad-kill")
+    assert len(stable) == len(ladder.stable) and {r.info.status for r in stable} == {"FINISHED"}
+    for run in stable:  # its loss curve holds every window once
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        assert steps == sorted(set(steps))
+    assert not kept_anywhere(storage)

@@ -142,6 +142,9 @@ def train_stable(spec: RunSpec, job: StableJob, context: SweepContext, report) -
                            "seed": str(spec.train.seed), "warmup_steps": str(job.warmup), "stable_hash": job.run_hash},
                           {"stable_run": job.run_hash, "longest_branch": spec.to_dict(), "sweep": context.name})
     end = needed[-1]
+    if rank == 0:  # the loop announces the run it trains, its longest branch's: say what this stable run is
+        print(f"[{job.run_name}] stable run: {spec.run_name}'s steps to {end}, keeping checkpoints at "
+              f"{', '.join(map(str, needed))}; from step {start or 0}", flush=True)
 
     def progress(metrics: dict) -> None:  # the display counts a stable run's steps to its end, not its spec's
         report({**metrics, "steps": end} if "steps" in metrics else metrics)
