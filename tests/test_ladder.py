@@ -358,3 +358,85 @@ def test_sigkilled_ladder_sweep_mid_stable_run_and_mid_branch_trains_nothing_twi
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
         assert steps == sorted(set(steps))
     assert not kept_anywhere(storage)
+
+
+# --- the searcher and the stable run's trial, without a Ray cluster ---
+
+def store(tmp_path) -> tuple[str, str]:
+    from pipeline import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    return uri, tracking.prepare_store(uri, "lad")
+
+
+def test_the_searcher_hands_out_stable_runs_first_and_each_branch_once_it_can_start(tmp_path):
+    from ray.tune.search import Searcher
+
+    from pipeline.sweep.ladder_search import LadderSearch, jobs_of, release_served
+    from pipeline.sweep.ladder_trial import stable_checkpoints
+
+    sweep = sweep_config(budgets=[1e11, 1e12], models=["cpu-9k", "cpu-33k"], sizes=None)
+    ladder = plan_ladder(grid(sweep))
+    everything = {b.point.spec.run_hash for b in ladder.branches}
+    work = ladder_work(ladder, everything, kept=lambda r: set(), resumable=lambda p: False)
+    search = LadderSearch(jobs_of(work), str(tmp_path), *store(tmp_path))
+    first, second = (search.suggest(t) for t in ("s1", "s2"))
+    assert {first["ladder"]["role"], second["ladder"]["role"]} == {"stable"}
+    assert first["ladder"]["needed"][-1] * 8 * 128 >= second["ladder"]["needed"][-1] * 8 * 128  # longest first
+    assert search.suggest("b1") is None  # no checkpoint yet: the branches wait
+    run = next(r for r in ladder.stable if r.run_hash == first["ladder"]["run_hash"])
+    folder = stable_checkpoints(tmp_path, run.run_hash)
+    (folder / kept_checkpoints.tag(run.steps[0])).mkdir(parents=True)
+    kept_checkpoints.mark(folder, run.steps[0])
+    branch = search.suggest("b1")
+    assert branch["spec"] == run.branches[0].point.spec.to_dict()
+    assert branch["start"]["from"] == str(folder / kept_checkpoints.tag(run.steps[0]))
+    assert branch["start"]["tags"] == {"isoflop.ladder.branch_of": run.run_hash,
+                                       "isoflop.ladder.branch_step": str(run.steps[0])}
+    search.on_trial_complete("s1")  # the stable run ended without its second checkpoint (it failed)
+    assert search.suggest("b2") is None and len(search.blocked) == 1 and run.run_name in search.blocked[0]
+    search.on_trial_complete("b1")  # not finished in MLflow: its checkpoint stays
+    assert kept_checkpoints.kept_steps(folder) == {run.steps[0]}
+    assert release_served(run, str(tmp_path), {run.branches[0].point.spec.run_hash}) == [run.steps[0]]
+    assert kept_checkpoints.kept_steps(folder) == set()
+    search.on_trial_complete("s2")  # so did the other: nothing can start, nothing runs
+    assert search.suggest("b3") == Searcher.FINISHED and len(search.blocked) == 3
+
+
+def test_a_stable_trial_resumes_after_a_kill_and_keeps_only_its_branch_checkpoints(corpus, tmp_path, capsys,
+                                                                                 one_torch_thread):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.sweep.grid import GridPoint
+    from pipeline.sweep.ladder_trial import StableJob, train_stable
+    from pipeline.sweep.schema import Resources
+    from pipeline.sweep.trial import SweepContext
+    from pipeline.training.loop import train
+
+    run = plan_ladder([GridPoint(spec, spec.plan(512)) for spec in (point(30), point(50))]).stable[0]
+    assert run.steps == (24, 40)
+    uri, experiment = store(tmp_path)
+    context = SweepContext("lad", uri, experiment, None, str(corpus), str(tmp_path), Resources(), (), quiet=False)
+    job = StableJob(run.run_hash, run.run_name, run.warmup, run.steps)
+    folder = job.checkpoints(tmp_path)
+    # a first trial killed after its checkpoint at step 16
+    assert train(run.spec, corpus, folder.parent, stop_at=16, verbose=False) is None
+    assert kept_checkpoints.latest_step(folder) == 16 and not kept_checkpoints.kept_steps(folder)
+    reports = []
+    assert train_stable(run.spec, job, context, reports.append) == {"status": "finished"}
+    assert f"[{run.run_name}] stable run: {run.spec.run_name}'s steps to 40, keeping checkpoints at 24, 40; " \
+           "from step 16" in capsys.readouterr().out
+    assert {p.name for p in folder.glob("step*")} == {kept_checkpoints.tag(24), kept_checkpoints.tag(40)}
+    assert reports and all(r["steps"] == 40 for r in reports)  # the board counts its steps to its end
+    mlflow = MlflowClient(uri).search_runs([experiment], f"tags.`isoflop.ladder.stable` = '{run.run_hash}'")
+    assert len(mlflow) == 1 and mlflow[0].info.status == "FINISHED" and "isoflop.run_hash" not in mlflow[0].data.tags
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(mlflow[0].info.run_id, "loss")]
+    assert steps == list(range(17, 41))  # log_every=1, from the step after the checkpoint
+    # its first branch's checkpoint went (its branches finished), then a rerun needs it again: from the start, since
+    # the only checkpoint left is later; the later kept one is not rewritten
+    kept_checkpoints.drop(folder, 24)
+    later = (folder / kept_checkpoints.tag(40) / kept_checkpoints.MARKER).stat().st_mtime_ns
+    assert train_stable(run.spec, StableJob(run.run_hash, run.run_name, run.warmup, (24,)), context, reports.append)
+    assert "from step 0" in capsys.readouterr().out
+    assert kept_checkpoints.kept_steps(folder) == {24, 40}
+    assert (folder / kept_checkpoints.tag(40) / kept_checkpoints.MARKER).stat().st_mtime_ns == later
