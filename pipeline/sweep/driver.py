@@ -69,8 +69,10 @@ def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str
         if plan.ladder:
             searcher = ladder_search(plan, todo)
         results = run_trials(plan, todo, parent, quiet=not verbose, searcher=searcher)
-        stable = [r for r in results if ((r.config or {}).get("ladder") or {}).get("role") == STABLE]
-        outcome = [r.metrics.get("status") if r.error is None else Outcome.ERRORED for r in results if r not in stable]
+        roles = [((r.config or {}).get("ladder") or {}).get("role") for r in results]
+        stable = [r for r, role in zip(results, roles) if role == STABLE]  # a ladder's: not grid points
+        outcome = [r.metrics.get("status") if r.error is None else Outcome.ERRORED
+                   for r, role in zip(results, roles) if role != STABLE]
         unfinished = len(outcome) - outcome.count(Outcome.FINISHED) - outcome.count(Outcome.SKIPPED)
         if plan.ladder:
             unfinished += report_ladder(stable, searcher)

@@ -72,10 +72,11 @@ def run_ladder_trial(config: dict, context: SweepContext) -> None:
         logger = stable_logger(spec, job, context)
         claim = PointClaim(logger.client, logger.run_id)
         while not claim.take():  # another sweep trains it: wait, then train what it left
-            tune.report({"waiting_on": claim.holder()})
+            tune.report({"waiting_on": str(claim.holder())})
             time.sleep(CLAIM_POLL_SECONDS)
         try:
-            if not missing(job, context.storage):
+            if not missing(job, context.storage):  # that other sweep left nothing to train
+                logger.client.set_terminated(logger.run_id, FINISHED)
                 tune.report({"status": Outcome.SKIPPED})
                 return
             tune.report(train_stable_claimed(spec, job, config, context))
