@@ -440,3 +440,48 @@ def test_a_stable_trial_resumes_after_a_kill_and_keeps_only_its_branch_checkpoin
     assert "from step 0" in capsys.readouterr().out
     assert kept_checkpoints.kept_steps(folder) == {24, 40}
     assert (folder / kept_checkpoints.tag(40) / kept_checkpoints.MARKER).stat().st_mtime_ns == later
+
+
+def test_the_live_table_shows_stable_runs_and_branches(tmp_path):
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from pipeline.sweep.ladder_search import LadderSearch, jobs_of
+    from pipeline.sweep.progress import SweepBoard, SweepProgress
+
+    ladder = plan_ladder(grid(sweep_config(budgets=[1e11, 1e12], models=["cpu-9k"], sizes=None)))
+    work = ladder_work(ladder, {b.point.spec.run_hash for b in ladder.branches}, kept=lambda r: set(),
+                       resumable=lambda p: False)
+    search = LadderSearch(jobs_of(work), str(tmp_path), "unused", "unused")
+    board = SweepBoard.of_states("lad", {job.key: job.state() for job in search.waiting})
+    screen = Console(file=io.StringIO(), width=160, force_terminal=True, color_system=None)
+    progress = SweepProgress(board, tmp_path, console=screen, draw_every=0.0)
+    progress.setup()
+    stable = SimpleNamespace(trial_id="s", config=search.suggest("s"), last_result={})
+    run = ladder.stable[0]  # its first checkpoint is there: its first branch starts
+    folder = stable_folder(tmp_path, run)
+    (folder / kept_checkpoints.tag(run.steps[0])).mkdir(parents=True)
+    kept_checkpoints.mark(folder, run.steps[0])
+    branch = SimpleNamespace(trial_id="b", config=search.suggest("b"), last_result={})
+    for trial in (stable, branch):
+        progress.on_trial_start(0, [stable, branch], trial)
+    progress.on_trial_result(0, [], stable, {"step": 300, "steps": run.end, "loss": 3.1, "tokens": 3e5,
+                                             "tokens_per_s": 1e4})
+    first = run.steps[0]
+    progress.on_trial_result(0, [], branch, {"step": first + 10, "steps": run.branches[0].point.plan.steps,
+                                             "loss": 3.3, "tokens": 1e5, "tokens_per_s": 1e4})
+    progress.on_step_end(1, [])
+    progress.on_experiment_end([])
+    out = screen.file.getvalue()
+    assert re.search(rf"cpu-9k\s+stable\s+300/{run.end}", out)
+    assert re.search(rf"cpu-9k\s+1e\+11\s+branch from {first}\s+{first + 10}/", out)
+    # the branch has done 10 of its steps, the stable run 300 of its: FLOPs weighted by what each trains
+    assert board.points[run.run_hash].flops_done == pytest.approx(run.flops * 300 / run.end)
+
+
+def stable_folder(root, run):
+    from pipeline.sweep.ladder_trial import stable_checkpoints
+
+    return stable_checkpoints(root, run.run_hash)
