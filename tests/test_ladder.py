@@ -394,13 +394,14 @@ def test_the_searcher_hands_out_stable_runs_first_and_each_branch_once_it_can_st
     assert branch["start"]["tags"] == {"isoflop.ladder.branch_of": run.run_hash,
                                        "isoflop.ladder.branch_step": str(run.steps[0])}
     search.on_trial_complete("s1")  # the stable run ended without its second checkpoint (it failed)
-    assert search.suggest("b2") is None and len(search.blocked) == 1 and run.run_name in search.blocked[0]
+    assert search.suggest("b2") is None and [j.branch for j in search.blocked] == [run.branches[1]]
     search.on_trial_complete("b1")  # not finished in MLflow: its checkpoint stays
     assert kept_checkpoints.kept_steps(folder) == {run.steps[0]}
     assert release_served(run, str(tmp_path), {run.branches[0].point.spec.run_hash}) == [run.steps[0]]
     assert kept_checkpoints.kept_steps(folder) == set()
-    search.on_trial_complete("s2")  # so did the other: nothing can start, nothing runs
+    search.on_trial_complete("s2", {"status": "diverged"})  # the other diverged: nothing can start, nothing runs
     assert search.suggest("b3") == Searcher.FINISHED and len(search.blocked) == 3
+    assert search.diverged == {second["ladder"]["run_hash"]}
 
 
 def test_a_stable_trial_resumes_after_a_kill_and_keeps_only_its_branch_checkpoints(corpus, tmp_path, capsys,

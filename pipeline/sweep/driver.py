@@ -75,7 +75,7 @@ def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str
                    for r, role in zip(results, roles) if role != STABLE]
         unfinished = len(outcome) - outcome.count(Outcome.FINISHED) - outcome.count(Outcome.SKIPPED)
         if plan.ladder:
-            unfinished += report_ladder(stable, searcher)
+            unfinished += report_ladder(stable, searcher, sweep_context(plan, parent, not verbose))
         status = FAILED if unfinished or failed else FINISHED
     except KeyboardInterrupt:
         status = "KILLED"
@@ -143,13 +143,26 @@ def ladder_search(plan: SweepPlan, todo: list[GridPoint]) -> LadderSearch:
     return LadderSearch(jobs_of(work), storage, plan.tracking_uri, plan.experiment_id)
 
 
-def report_ladder(stable: list, searcher: LadderSearch) -> int:
-    """Print how the stable runs ended and the branches that could not start; their number (unfinished work)."""
+def sweep_context(plan: SweepPlan, parent_run_id: str, quiet: bool) -> SweepContext:
+    sweep = plan.sweep
+    return SweepContext(sweep.name, plan.tracking_uri, plan.experiment_id, parent_run_id,
+                        str(Path(sweep.data.path).resolve()), str(Path(sweep.storage).resolve()), sweep.resources,
+                        tuple(sweep.search), quiet)
+
+
+def report_ladder(stable: list, searcher: LadderSearch, context: SweepContext) -> int:
+    """Print how the stable runs ended and the branches that could not start; their number (unfinished work). A
+    branch past the step where its stable run diverged is recorded as diverged, as its point trained whole would
+    be, so that it is not retried (but by --rerun-failed)."""
     ended = [r.metrics.get("status") if r.error is None else Outcome.ERRORED for r in stable]
     bad = len(ended) - ended.count(Outcome.FINISHED) - ended.count(Outcome.SKIPPED)
     print(f"ladder: {ended.count(Outcome.FINISHED)} stable runs trained, {bad} failed")
-    for line in searcher.blocked:
-        print(f"  branch not run: {line}")
+    for job in searcher.blocked:
+        spec, why = job.branch.point.spec, f"its stable run {job.run.run_name} ended before step {job.branch.step}"
+        if job.run.run_hash in searcher.diverged:
+            why = f"its stable run {job.run.run_name} diverged before step {job.branch.step}"
+            context.logger(spec).fail(Outcome.reason(Outcome.DIVERGED, why))
+        print(f"  branch not run: {spec.run_name}: {why}")
     return bad + len(searcher.blocked)
 
 
@@ -165,8 +178,7 @@ def run_trials(plan: SweepPlan, todo: list[GridPoint], parent_run_id: str, quiet
     if sweep.resources.max_concurrent_trials:
         concurrent = min(concurrent, sweep.resources.max_concurrent_trials)
     storage = str(Path(sweep.storage).resolve())
-    context = SweepContext(sweep.name, plan.tracking_uri, plan.experiment_id, parent_run_id,
-                           str(Path(sweep.data.path).resolve()), storage, sweep.resources, tuple(sweep.search), quiet)
+    context = sweep_context(plan, parent_run_id, quiet)
     board = (SweepBoard.of_states(sweep.name, {job.key: job.state() for job in searcher.waiting})
              if isinstance(searcher, LadderSearch) else SweepBoard.of(sweep.name, (p.spec for p in todo)))
     progress = SweepProgress(board, storage, logs=quiet)

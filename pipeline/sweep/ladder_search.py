@@ -19,6 +19,7 @@ from pipeline.mlflow_keys import BRANCH_OF_TAG, BRANCH_STEP_TAG, FINISHED
 from pipeline.sweep.grid import GridPoint
 from pipeline.sweep.ladder import Branch, LadderWork, StableRun, finished_steps
 from pipeline.sweep.ladder_trial import StableJob, stable_checkpoints
+from pipeline.sweep.outcome import Outcome
 from pipeline.sweep.progress import PointState
 from pipeline.training import kept_checkpoints
 
@@ -80,7 +81,8 @@ def jobs_of(work: LadderWork) -> list[Job]:
 
 class LadderSearch(Searcher):
     """Hands out `jobs` in order, a branch only once it can start; ends the sweep when all are out and nothing
-    runs. A branch whose stable run ended without its checkpoint (it failed) is left out and listed in `blocked`."""
+    runs. A branch whose stable run ended without its checkpoint (it failed) is left out and listed in `blocked`;
+    `diverged` holds the stable runs that diverged (their later branches would have too)."""
 
     def __init__(self, jobs: list[Job], storage: str, tracking_uri: str, experiment_id: str):
         super().__init__()
@@ -88,7 +90,8 @@ class LadderSearch(Searcher):
         self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
         self.running: dict[str, Job] = {}
         self.stable_open = {j.run.run_hash for j in jobs if not (j.branch or j.point)}
-        self.blocked: list[str] = []
+        self.blocked: list[Job] = []
+        self.diverged: set[str] = set()
 
     def suggest(self, trial_id: str):
         job = self.next_job()
@@ -104,8 +107,7 @@ class LadderSearch(Searcher):
                 return job
             if job.run.run_hash not in self.stable_open:  # its stable run is over, without this checkpoint
                 self.waiting.remove(job)
-                self.blocked.append(f"{job.branch.point.spec.run_name}: its stable run {job.run.run_name} ended "
-                                    f"without the checkpoint at step {job.branch.step}")
+                self.blocked.append(job)
         return None
 
     def ready(self, job: Job) -> bool:
@@ -119,6 +121,8 @@ class LadderSearch(Searcher):
             return
         if not job.branch:
             self.stable_open.discard(job.run.run_hash)
+            if (result or {}).get("status") == Outcome.DIVERGED:
+                self.diverged.add(job.run.run_hash)
             return
         release_served(job.run, self.storage, finished_runs(self.tracking_uri, self.experiment_id,
                                                             [b.point.spec.run_hash for b in job.run.branches]))
