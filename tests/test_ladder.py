@@ -5,6 +5,7 @@ import re
 import signal
 import time
 
+import pandas as pd
 import pytest
 
 from helpers import TRAIN, write_sweep
@@ -260,7 +261,7 @@ def test_ladder_sweep_trains_each_point_once_as_a_branch_of_its_stable_run(tmp_p
     client, runs = assert_one_finished_run_per_point(uri, "lad", 6)
     stable = {r.data.tags["isoflop.ladder.stable"]: r for r in stable_runs(uri, "lad")}
     assert len(stable) == 2 and {r.info.status for r in stable.values()} == {"FINISHED"}
-    points = {p.spec.run_hash: p for p in plan_ladder_of(path).branches}
+    points = {b.point.spec.run_hash: b for b in plan_ladder_of(path).branches}
     trained = 0
     for run in runs:  # each point is a branch: its own run, linked to its stable run, started at its decay
         branch = points[run.data.tags["isoflop.run_hash"]]
@@ -275,7 +276,7 @@ def test_ladder_sweep_trains_each_point_once_as_a_branch_of_its_stable_run(tmp_p
     assert not kept_anywhere(tmp_path / "ray")  # every branch finished: its checkpoint went
     table = isoflop("runs", "--experiment", "lad", "--tracking-uri", uri, "--out", str(tmp_path / "runs.csv"))
     assert table.returncode == 0, table.stderr[-2000:]
-    assert len((tmp_path / "runs.csv").read_text().strip().splitlines()) == 1 + 6  # the grid points, no stable run
+    assert len(pd.read_csv(tmp_path / "runs.csv")) == 6  # the grid points, no stable run
     again = isoflop("sweep", str(path))
     assert again.returncode == 0 and "6 finished" in again.stdout and "0 to run" in again.stdout
 
@@ -310,6 +311,9 @@ def test_sigkilled_ladder_sweep_mid_stable_run_and_mid_branch_trains_nothing_twi
     path = write_sweep(tmp_path, name="lad-kill", families=["mdm"], budgets=KILL_BUDGETS, ladder=True,
                        train=train, data=larger_corpus(tmp_path))
     uri, storage = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "ray"
+    from pipeline.sweep.driver import run_sweep
+
+    assert run_sweep(path, dry_run=True) == 0  # writes the corpus, which the plan below needs
     ladder = plan_ladder_of(path)
     folders = {run.run_hash: storage / "ladder" / run.run_hash / "checkpoints" for run in ladder.stable}
 
