@@ -233,7 +233,7 @@ def test_a_branch_trains_bit_for_bit_what_its_point_trains_whole(corpus, tmp_pat
 
 LADDER_TRAIN = {**TRAIN, "schedule": "wsd", "warmup_fraction": 0.0}
 # long enough for a kill to land mid-way in a stable run and in a branch on a 2-core machine
-KILL_BUDGETS, KILL_EPOCHS = [3e10, 1e11, 2e11], 4
+KILL_BUDGETS, KILL_EPOCHS = [1.5e10, 5e10, 1e11], 2
 
 
 def stable_runs(uri: str, experiment: str):

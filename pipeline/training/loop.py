@@ -218,6 +218,7 @@ class LogWindow:
     run: Run
     losses: list[torch.Tensor] = field(default_factory=list)
     clock: float = field(default_factory=time.perf_counter)
+    end: int | None = None  # the step the run stops at, when before its last (a stable run's end)
 
     def add(self, loss: torch.Tensor) -> None:
         self.losses.append(loss)
@@ -237,7 +238,7 @@ class LogWindow:
         if run.rank == 0:
             reporter.metrics([row])
             if verbose:
-                _print_progress(row, plan, rate)
+                _print_progress(row, self.end or plan.steps, rate, plan.tokens_per_step)
         reporter.progress(row, plan.steps)
         self.losses, self.clock = [], time.perf_counter()
 
@@ -312,7 +313,8 @@ def train(spec: RunSpec, data_dir: str | Path, out_dir: str | Path, *, reporter:
     start, started = resume(run, resume_from), time.perf_counter()
     if verbose and run.rank == 0:
         _announce(run, start)
-    window, end = LogWindow(run), steps if stop_at is None else min(stop_at, steps)
+    end = steps if stop_at is None else min(stop_at, steps)
+    window = LogWindow(run, end=end)
     for step in range(start, end):
         loss, lr = train_step(run, step)
         window.add(loss)
@@ -366,8 +368,8 @@ def _peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
 
 
-def _print_progress(row: dict, plan: BudgetPlan, rate: float) -> None:
-    remaining = (plan.steps - row["step"]) * plan.tokens_per_step / rate
+def _print_progress(row: dict, end: int, rate: float, tokens_per_step: int) -> None:
+    remaining = (end - row["step"]) * tokens_per_step / rate
     mfu = f" | MFU {row['mfu']:.1%}" if "mfu" in row else ""
-    print(f"  step {row['step']}/{plan.steps} | tokens {row['tokens']:.3g} | loss {row['loss']:.4f} | "
+    print(f"  step {row['step']}/{end} | tokens {row['tokens']:.3g} | loss {row['loss']:.4f} | "
           f"lr {row['lr']:.2e} | {rate:,.0f} tok/s{mfu} | ETA {remaining:,.0f}s", flush=True)
