@@ -8,8 +8,11 @@ then prints the FLOPs each trained, the ratio of wall times, and the largest dif
 point's run and its ladder branch (the same run: 0 where both ran with the same thread count). Resumable: rerun to
 continue; a finished sweep reruns in seconds, so time only fresh runs.
 
-    .venv/bin/python benchmarks/ladder_study.py --out results/ladder     # about 40 min on 2 cores
-    .venv/bin/python benchmarks/ladder_study.py --out /tmp/l --budgets 3e9 6e9 1.2e10   # a minute or two
+    .venv/bin/python benchmarks/ladder_study.py --out results/ladder     # the issue's range; not yet timed
+    .venv/bin/python benchmarks/ladder_study.py --out /tmp/l --budgets 3e9 6e9 1.2e10   # 5.5 min on busy cores
+
+Build DeepSpeed's CPU ops first (any run does it): a sweep whose first trials find them built by another
+environment waits about a minute for a rebuild, which lands in its wall time (docs/LOG.md, 2026-12-07).
 """
 from __future__ import annotations
 
