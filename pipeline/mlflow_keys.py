@@ -20,6 +20,9 @@ SWEEP_TAG = "isoflop.sweep"            # on the sweep's parent run
 REASON_TAG = "isoflop.failure_reason"
 RESUMED_TAG = "isoflop.resumed"
 VARIANT_TAG = "isoflop.variant"        # which searched recipe values (e.g. lr=0.002) a run tried; "" when none
+STABLE_TAG = "isoflop.ladder.stable"   # a ladder's stable run: its hash (it has no run_hash tag: not a grid point)
+BRANCH_OF_TAG = "isoflop.ladder.branch_of"      # on a ladder's branch: the hash of the stable run it starts from
+BRANCH_STEP_TAG = "isoflop.ladder.branch_step"  # ... and the step it starts at
 LEASE_TAG = "isoflop.lease"            # "HOST PID EXPIRY" of the trial training the point now (pipeline/sweep/leases.py)
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"       # a run's description in MLflow's UI; `isoflop analyze` writes the sweep run's

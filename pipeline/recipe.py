@@ -150,6 +150,11 @@ class TrainConfig(BaseModel):
         """wsd: the steps of the final decay (at least one); cosine decays from the end of warmup on."""
         return max(1, math.ceil(self.decay_fraction * steps)) if self.schedule == "wsd" else steps
 
+    def decay_start(self, steps: int) -> int:
+        """The first step whose lr is below the peak: after warmup, where the decay begins. A wsd run's lr before it
+        does not depend on `steps` (for runs with equal warmups), which is what lets a ladder share it."""
+        return max(self.warmup_steps(steps), steps - self.decay_steps(steps))
+
     def with_overrides(self, overrides: dict) -> "TrainConfig":
         return TrainConfig(**{**self.model_dump(), **overrides})
 

@@ -59,8 +59,8 @@ def _get_or_create_experiment(uri: str, experiment: str, artifact_location: str 
     return found.experiment_id
 
 
-def find_run(client: MlflowClient, experiment_id: str, run_hash: str):
-    runs = client.search_runs([experiment_id], f"tags.`{HASH_TAG}` = '{run_hash}'", max_results=5,
+def find_run(client: MlflowClient, experiment_id: str, run_hash: str, tag: str = HASH_TAG):
+    runs = client.search_runs([experiment_id], f"tags.`{tag}` = '{run_hash}'", max_results=5,
                               order_by=["attributes.start_time ASC"])
     return runs[0] if runs else None
 
@@ -122,20 +122,22 @@ class RunLogger:
 
     On a resumed attempt, metric steps already logged are skipped, so curves never hold duplicates.
     `variant` is the searched recipe values the point runs with (config.variant_label), "" when none;
-    `source` is what MLflow shows as the run's source.
+    `source` is what MLflow shows as the run's source. `key` = (tag, hash, name) names another kind of run than a
+    grid point (a ladder's stable run, pipeline/sweep/ladder.py), found by that tag instead of the run hash.
     """
 
     def __init__(self, uri: str, experiment_id: str, spec: RunSpec, parent_id: str | None = None,
-                 variant: str = "", source: str = "isoflop sweep"):
+                 variant: str = "", source: str = "isoflop sweep", key: tuple[str, str, str] | None = None):
         self.client, self.uri = MlflowClient(uri), uri
         self.experiment_id, self.spec = experiment_id, spec
-        found = find_run(self.client, experiment_id, spec.run_hash)
+        tag, run_hash, run_name = key or (HASH_TAG, spec.run_hash, spec.run_name)
+        found = find_run(self.client, experiment_id, run_hash, tag)
         if found is None:
-            tags = {HASH_TAG: spec.run_hash, VARIANT_TAG: variant, **({PARENT_TAG: parent_id} if parent_id else {}),
+            tags = {tag: run_hash, VARIANT_TAG: variant, **({PARENT_TAG: parent_id} if parent_id else {}),
                     **standard_tags(source)}
-            self.run_id = self.client.create_run(experiment_id, run_name=spec.run_name, tags=tags).info.run_id
+            self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
             self.logged_through = 0
-            first = find_run(self.client, experiment_id, spec.run_hash)
+            first = find_run(self.client, experiment_id, run_hash, tag)
             if first.info.run_id != self.run_id:  # another process created the point's run at the same moment
                 self.client.delete_run(self.run_id)  # both keep the earliest, so the point has one run
                 self.run_id = first.info.run_id
@@ -154,6 +156,9 @@ class RunLogger:
             self.client.log_batch(self.run_id, params=new)
         if "config.json" not in {f.path for f in self.client.list_artifacts(self.run_id)}:
             self.client.log_text(self.run_id, json.dumps(config, indent=2), "config.json")
+
+    def tag(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, rows: list[dict]) -> None:
         now = int(time.time() * 1000)

@@ -15,6 +15,7 @@ from pipeline.errors import DataError, SweepError, TrackingError
 from pipeline.mlflow_keys import resolve_uri
 from pipeline.sweep.adaptive import Schedule, schedule
 from pipeline.sweep.grid import GridPoint, expand_grid, load_sweep
+from pipeline.sweep.ladder import Ladder, plan_ladder
 from pipeline.sweep.schema import Resources, SweepConfig
 
 # A trial that drives a Ray Train worker group only waits, so it holds no CPU (which would keep a 2-worker
@@ -31,6 +32,7 @@ class SweepPlan:
     experiment_id: str | None  # None for a dry run, which touches no store
     data: tuple[int, str, int | None] | None = None  # (vocab, fingerprint, training blocks) the grid was planned for
     schedule: Schedule | None = None  # an adaptive sweep's points and decisions so far
+    ladder: Ladder | None = None  # a ladder sweep's stable runs and branches (pipeline/sweep/ladder.py)
 
 
 def plan_sweep(path: str | Path, tracking_uri: str | None = None, *, dry_run: bool = False,
@@ -61,7 +63,7 @@ def plan_sweep(path: str | Path, tracking_uri: str | None = None, *, dry_run: bo
             experiment_id = tracking.prepare_store(uri, sweep.name)
         except TrackingError as err:
             errors.append(str(err))
-    points, dropped, planned = [], [], None
+    points, dropped, planned, ladder = [], [], None, None
     if vocab:
         try:
             if sweep.adaptive:  # the points placed so far, from the runs finished so far
@@ -72,11 +74,13 @@ def plan_sweep(path: str | Path, tracking_uri: str | None = None, *, dry_run: bo
                 points, dropped = expand_grid(sweep, vocab, fingerprint, train_blocks)
             if not points:
                 errors.append("grid: every point was dropped:\n  " + "\n  ".join(dropped))
+            if sweep.ladder:
+                ladder = plan_ladder(points)
         except SweepError as err:
             errors.append(str(err))
     if errors:
         raise SweepError("\n".join(errors))
-    return SweepPlan(sweep, points, dropped, uri, experiment_id, (vocab, fingerprint, train_blocks), planned)
+    return SweepPlan(sweep, points, dropped, uri, experiment_id, (vocab, fingerprint, train_blocks), planned, ladder)
 
 
 def trial_resources(resources: Resources) -> dict:

@@ -8,6 +8,9 @@ FLOPs, since points differ in cost by orders of magnitude:
     FLOPs left  = budgets of the pending and running points - what the running ones have done
     ETA         = FLOPs left / (FLOPs done / seconds since the first point started)
 
+A ladder sweep's stable runs and branches (pipeline/sweep/ladder.py) are rows too, each weighted by the FLOPs of
+the steps it trains instead of a budget.
+
 Points that failed or were finished by another sweep leave nothing to do; a failed point's partial steps still
 count as work done (its seconds were spent). A resumed point counts its checkpointed steps as done now, so
 the first ETA after a resume is optimistic.
@@ -49,22 +52,29 @@ class PointState:
     tokens: float = 0.0
     tokens_per_s: float | None = None
     note: str = ""          # e.g. waiting on another sweep, or why it failed
+    role: str = ""          # a ladder's "stable" run or "branch from <step>"; "" for a point trained whole
+    first: int = 0          # the step it starts from (a branch's branch step)
+    work: float | None = None  # FLOPs of the steps it trains, in its budget's convention; None: the budget
 
     @classmethod
     def of(cls, spec: RunSpec) -> PointState:
         return cls(spec.run_name, spec.family, spec.shape.label, spec.budget)
 
     @property
+    def flops(self) -> float:
+        return self.budget if self.work is None else self.work
+
+    @property
     def flops_done(self) -> float:
         if self.state == DONE:
-            return self.budget
+            return self.flops
         if self.state == SKIPPED or not self.steps:
             return 0.0
-        return self.budget * min(self.step, self.steps) / self.steps
+        return self.flops * max(0, min(self.step, self.steps) - self.first) / max(1, self.steps - self.first)
 
     @property
     def flops_left(self) -> float:
-        return self.budget - self.flops_done if self.state in (PENDING, RUNNING) else 0.0
+        return self.flops - self.flops_done if self.state in (PENDING, RUNNING) else 0.0
 
     @property
     def eta_s(self) -> float | None:
@@ -113,6 +123,11 @@ class SweepBoard:
     def of(cls, name: str, specs: Iterable[RunSpec]) -> SweepBoard:
         return cls(name, {spec.run_hash: PointState.of(spec) for spec in specs})
 
+    @classmethod
+    def of_states(cls, name: str, states: dict[str, PointState]) -> SweepBoard:
+        """A board of given rows, by trial key (`trial_key`): a ladder's stable runs and branches."""
+        return cls(name, dict(states))
+
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys((DONE, RUNNING, PENDING, FAILED, SKIPPED), 0)
         for point in self.points.values():
@@ -143,13 +158,16 @@ class SweepBoard:
     def table(self, now: float) -> Group:
         """The running points, one row each, under the sweep's counts and ETA."""
         table = Table(box=None, header_style="bold", pad_edge=False)
-        for column, justify in (("family", "left"), ("shape", "left"), ("budget", "right"), ("step", "right"),
-                                ("loss", "right"), ("tokens/s", "right"), ("ETA", "right"), ("", "left")):
+        ladder = any(point.role for point in self.points.values())  # a ladder sweep: which part of it a row is
+        columns = (("family", "left"), ("shape", "left"), ("budget", "right"), *((("run", "left"),) if ladder else ()),
+                   ("step", "right"), ("loss", "right"), ("tokens/s", "right"), ("ETA", "right"), ("", "left"))
+        for column, justify in columns:
             table.add_column(column, justify=justify, no_wrap=True)
         running = [point for point in self.points.values() if point.state == RUNNING]
         for point in running:
             step = f"{point.step}/{point.steps}" if point.steps else "starting"
-            table.add_row(point.family, point.shape, f"{point.budget:.3g}", step,
+            budget = "" if point.role == "stable" else f"{point.budget:.3g}"  # a stable run serves several budgets
+            table.add_row(point.family, point.shape, budget, *((point.role or "point",) if ladder else ()), step,
                           f"{point.loss:.4f}" if point.loss is not None else "",
                           f"{point.tokens_per_s:,.0f}" if point.tokens_per_s else "", format_duration(point.eta_s),
                           point.note)
@@ -225,8 +243,8 @@ class SweepProgress(tune.Callback):
         """The trial's point; one the adaptive planner placed after the sweep started joins the board."""
         if trial.trial_id not in self.hashes:
             spec = RunSpec(**trial.config["spec"])
-            self.hashes[trial.trial_id] = spec.run_hash
-            self.board.points.setdefault(spec.run_hash, PointState.of(spec))
+            self.hashes[trial.trial_id] = trial_key(trial.config)
+            self.board.points.setdefault(self.hashes[trial.trial_id], PointState.of(spec))
         return self.board.points[self.hashes[trial.trial_id]]
 
     def setup(self, **info) -> None:
@@ -262,6 +280,13 @@ class SweepProgress(tune.Callback):
 
     def on_experiment_end(self, trials, **info) -> None:
         self.stop()
+
+
+def trial_key(config: dict) -> str:
+    """A trial's row on the board: its point's run hash, or a ladder's stable run's own hash (its spec is that of
+    its longest branch, which has a row of its own)."""
+    ladder = config.get("ladder") or {}
+    return ladder["run_hash"] if ladder.get("role") == "stable" else RunSpec(**config["spec"]).run_hash
 
 
 def error_line(trial) -> str:

@@ -1,7 +1,6 @@
 """The sweep file's schema: the IsoFLOP grid, the recipe and its searched keys, the resources, the data and
 where results go. Loaded and expanded into run specs by `pipeline.sweep.grid`; pydantic reports every
-problem at once, each naming its field.
-"""
+problem at once, each naming its field."""
 from __future__ import annotations
 
 import math
@@ -243,6 +242,7 @@ class SweepConfig(BaseModel):
     search: dict[str, SearchSpace] = Field(default_factory=dict, validation_alias="train",
                                            description="searched recipe keys: every grid point runs once per variant")
     search_seed: int = Field(0, description="seeds the draws of sampled keys: a re-run draws the same values")
+    ladder: bool = Field(False, description="a stable run per size, a wsd cooldown per budget (pipeline/sweep/ladder.py)")
     resources: Resources = Resources()
     tracking_uri: str = DEFAULT_TRACKING_URI
     storage: str = Field("ray_results", description="a folder every node can reach (local disk on one machine, "
@@ -371,6 +371,20 @@ class SweepConfig(BaseModel):
             raise ValueError(f"sizes.adapt: plans one IsoFLOP curve per budget, but unique_tokens: "
                              f"{self.unique_tokens} makes one per unique-data size; list the models or sizes in a "
                              "fixed grid")
+        return self
+
+    @model_validator(mode="after")
+    def _ladder_settings(self):
+        """A ladder needs wsd for every run, a stable phase to share and a fixed grid (pipeline/sweep/ladder.py)."""
+        schedule = self.search["schedule"].grid_search if "schedule" in self.search else self.train.schedule
+        refusals = [(schedule != "wsd", "branches cooldowns off a run held at constant lr, which needs "
+                     f"train.schedule: wsd for every run (got {schedule}); set schedule: wsd under train:"),
+                    (self.train.decay_fraction == 1, "shares the steps before each decay: train.decay_fraction=1 has none"),
+                    (self.adaptive, "plans stable runs from the whole grid, but sizes.adapt places points as runs "
+                     "finish: the two do not combine yet (list the models or use a fixed size rule)")]
+        for refused, why in refusals if self.ladder else ():
+            if refused:
+                raise ValueError(f"ladder: true {why}")
         return self
 
     @field_validator("models")

@@ -28,6 +28,7 @@ from pipeline.sweep.leases import PointClaim
 from pipeline.sweep.outcome import Outcome
 from pipeline.sweep.point_logs import output_to, point_log
 from pipeline.sweep.schema import Resources, variant_label
+from pipeline.training import kept_checkpoints
 from pipeline.training.distributed import device_for_rank, ensure_process_group
 from pipeline.training.loop import Diverged, Reporter, train
 from pipeline.training.run_folder import RunFolder
@@ -113,11 +114,11 @@ def train_claimed(spec: RunSpec, config: dict, context: SweepContext) -> dict:
     res = context.resources
     if res.workers_per_trial == 1 and not res.worker_group:
         torch.set_num_threads(max(1, int(res.cpus_per_worker)))
-        outcome = train_point(spec, context, tune.report)
+        outcome = train_point(spec, context, tune.report, config.get("start"))
     else:
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"spec": config["spec"], "context": context},
+            train_loop_config={"spec": config["spec"], "context": context, "start": config.get("start")},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=res.workers_per_trial, use_gpu=res.gpus_per_worker > 0,
                 resources_per_worker={"CPU": res.cpus_per_worker,
@@ -143,7 +144,7 @@ def train_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(context.resources.cpus_per_worker)))
     spec = RunSpec(**config["spec"])
     with point_output(spec, context):
-        train_point(spec, context, ray.train.report)
+        train_point(spec, context, ray.train.report, config.get("start"))
 
 
 # what a log window tells the sweep's driver (pipeline.sweep.progress)
@@ -183,20 +184,33 @@ class SweepReporter(Reporter):
         return bool(flag.item())
 
 
-def train_point(spec: RunSpec, context: SweepContext, report: Callable[[dict], None]) -> dict:
-    """Train (or resume) one grid point on this rank; rank 0 records it in MLflow. Returns a status dict."""
+def train_point(spec: RunSpec, context: SweepContext, report: Callable[[dict], None], start: dict | None = None) -> dict:
+    """Train (or resume) one grid point on this rank; rank 0 records it in MLflow. Returns a status dict.
+
+    `start`, for a ladder's branch: {"from": the stable run's kept checkpoint at the branch step, "tags": the run's
+    links to it}. The point's own checkpoint, once it has one, comes first: a branch killed midway resumes there.
+    """
     rank, world = ensure_process_group()
     folder = RunFolder(Path(context.storage) / "runs" / spec.run_hash)
+    resume_from = None
+    if start and not (folder.path / "checkpoints" / kept_checkpoints.LATEST).exists():
+        resume_from = Path(start["from"])
+        if not kept_checkpoints.is_kept(resume_from):
+            raise RuntimeError(f"ladder: {spec.run_name} branches from {resume_from}, which is not a complete kept "
+                               "checkpoint of its stable run (rerun the sweep: the stable run trains it again)")
     logger = None
     if rank == 0:
         logger = context.logger(spec)
+        if start:
+            logger.tag(start["tags"])
         info = load_dataset(context.data_dir).info
         logger.log_params(tracking.run_params(spec, spec.plan(info.vocab_size, info.train_blocks(spec.train.seq_len)),
                                               world, info),
                           {"run": spec.to_dict(), "sweep": context.name})
     monitor = logger.watch_system() if logger else None
     try:
-        result = train(spec, context.data_dir, folder.path, reporter=SweepReporter(logger, report, world))
+        result = train(spec, context.data_dir, folder.path, reporter=SweepReporter(logger, report, world),
+                       resume_from=resume_from)
     except Diverged as err:  # a property of the run, not a crash: recorded and not retried
         if logger:
             print(f"[{spec.run_name}] diverged: {err}", flush=True)  # into the point's log

@@ -22,7 +22,7 @@ from pipeline.model.flops import BudgetPlan
 from pipeline.model.noise import MonteCarlo
 from pipeline.model.transformer import Transformer
 from pipeline.recipe import RunSpec, TrainConfig
-from pipeline.training import deepspeed_settings, distributed
+from pipeline.training import deepspeed_settings, distributed, kept_checkpoints
 from pipeline.training.run_folder import RunFolder
 
 # Dense bf16 peak FLOP/s by device name, for MFU.
@@ -77,7 +77,7 @@ def lr_at(step: int, steps: int, recipe: TrainConfig) -> float:
     if step < warmup:
         return recipe.lr * (step + 1) / warmup
     floor = recipe.lr * recipe.min_lr_ratio
-    start = max(warmup, steps - recipe.decay_steps(steps))
+    start = recipe.decay_start(steps)
     progress = min(1.0, max(0.0, (step - start) / max(1, steps - start - 1)))
     if recipe.schedule == "cosine":
         return floor + (recipe.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -174,11 +174,17 @@ def build_run(spec: RunSpec, data_dir: str | Path, out_dir: str | Path) -> Run:
 
 
 def resume(run: Run, resume_from: str | Path | None) -> int:
-    """Load `resume_from` (a DeepSpeed checkpoint folder), else the run's own latest checkpoint; the next step."""
+    """Load `resume_from` (a DeepSpeed checkpoint folder, whose latest tag is taken, or one tag's folder in it),
+    else the run's own latest checkpoint; the next step."""
     source = Path(resume_from) if resume_from else (run.checkpoints if (run.checkpoints / "latest").exists() else None)
     if source is None:
         return 0
-    _, client = run.engine.load_checkpoint(str(source))
+    if (source / kept_checkpoints.LATEST).exists():
+        _, client = run.engine.load_checkpoint(str(source))
+    else:  # a tag's folder: a ladder's branch starts from its stable run's checkpoint at the branch step
+        _, client = run.engine.load_checkpoint(str(source.parent), tag=source.name)
+    if client is None:
+        raise ConfigError(f"resume: {source} holds no DeepSpeed checkpoint")
     return int(client["step"])
 
 
@@ -212,6 +218,7 @@ class LogWindow:
     run: Run
     losses: list[torch.Tensor] = field(default_factory=list)
     clock: float = field(default_factory=time.perf_counter)
+    end: int | None = None  # the step the run stops at, when before its last (a stable run's end)
 
     def add(self, loss: torch.Tensor) -> None:
         self.losses.append(loss)
@@ -231,19 +238,26 @@ class LogWindow:
         if run.rank == 0:
             reporter.metrics([row])
             if verbose:
-                _print_progress(row, plan, rate)
+                _print_progress(row, self.end or plan.steps, rate, plan.tokens_per_step)
         reporter.progress(row, plan.steps)
         self.losses, self.clock = [], time.perf_counter()
 
 
-def save_checkpoint(run: Run, step: int) -> None:
-    """Every rank writes its shard; older tags go once the new one is complete."""
-    tag = f"step{step:08d}"
+def save_checkpoint(run: Run, step: int, keep: bool = False) -> None:
+    """Every rank writes its shard; older tags go once the new one is complete, except kept ones
+    (pipeline/training/kept_checkpoints.py). `keep` marks this one kept. A kept checkpoint already there is not
+    written again: it holds this same state (a step's state is a function of the recipe), and a branch may be
+    reading it."""
+    tag = kept_checkpoints.tag(step)
+    if kept_checkpoints.is_kept(run.checkpoints / tag):
+        return
     run.engine.save_checkpoint(str(run.checkpoints), tag=tag, client_state={"step": step})
     dist.barrier()
     if run.rank == 0:
+        if keep:
+            kept_checkpoints.mark(run.checkpoints, step)
         for old in run.checkpoints.glob("step*"):
-            if old.name != tag and old.is_dir():
+            if old.name != tag and old.is_dir() and not kept_checkpoints.is_kept(old):
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
 
@@ -284,12 +298,14 @@ def master_weights(engine) -> dict[str, torch.Tensor]:
 
 
 def train(spec: RunSpec, data_dir: str | Path, out_dir: str | Path, *, reporter: Reporter | None = None,
-          resume_from: str | Path | None = None, stop_at: int | None = None, verbose: bool = True) -> TrainResult | None:
+          resume_from: str | Path | None = None, stop_at: int | None = None, keep_at: frozenset[int] = frozenset(),
+          verbose: bool = True) -> TrainResult | None:
     """Train one run to its budget and evaluate it; returns the result on every rank.
 
-    Resumes from `resume_from` (a DeepSpeed checkpoint folder) or else from out_dir/checkpoints when
-    one is there. `stop_at` ends early after checkpointing that step (returns None): an interruption
-    on purpose, for tests and time-limited jobs.
+    Resumes from `resume_from` (a DeepSpeed checkpoint folder, or one tag's folder in it) or else from
+    out_dir/checkpoints when one is there. `stop_at` ends early after checkpointing that step (returns None): an
+    interruption on purpose, for tests, time-limited jobs and a ladder's stable run. A checkpoint is saved and
+    kept at each step of `keep_at` (a stable run's branch steps).
     """
     reporter = reporter or Reporter()
     run = build_run(spec, data_dir, out_dir)
@@ -297,7 +313,8 @@ def train(spec: RunSpec, data_dir: str | Path, out_dir: str | Path, *, reporter:
     start, started = resume(run, resume_from), time.perf_counter()
     if verbose and run.rank == 0:
         _announce(run, start)
-    window, end = LogWindow(run), steps if stop_at is None else min(stop_at, steps)
+    end = steps if stop_at is None else min(stop_at, steps)
+    window = LogWindow(run, end=end)
     for step in range(start, end):
         loss, lr = train_step(run, step)
         window.add(loss)
@@ -305,8 +322,9 @@ def train(spec: RunSpec, data_dir: str | Path, out_dir: str | Path, *, reporter:
         if done % recipe.log_every == 0 or done == end:
             window.flush(reporter, done, lr, verbose)
         last = done == end and (done < steps or recipe.keep_checkpoint)  # an interruption, or a checkpoint to keep
-        if (recipe.checkpoint_every and done % recipe.checkpoint_every == 0) or last:
-            save_checkpoint(run, done)
+        keep = done in keep_at
+        if (recipe.checkpoint_every and done % recipe.checkpoint_every == 0) or last or keep:
+            save_checkpoint(run, done, keep)
             reporter.checkpoint(done, run.checkpoints, {"step": done})
     if end < steps:
         return None
@@ -350,8 +368,8 @@ def _peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
 
 
-def _print_progress(row: dict, plan: BudgetPlan, rate: float) -> None:
-    remaining = (plan.steps - row["step"]) * plan.tokens_per_step / rate
+def _print_progress(row: dict, end: int, rate: float, tokens_per_step: int) -> None:
+    remaining = (end - row["step"]) * tokens_per_step / rate
     mfu = f" | MFU {row['mfu']:.1%}" if "mfu" in row else ""
-    print(f"  step {row['step']}/{plan.steps} | tokens {row['tokens']:.3g} | loss {row['loss']:.4f} | "
+    print(f"  step {row['step']}/{end} | tokens {row['tokens']:.3g} | loss {row['loss']:.4f} | "
           f"lr {row['lr']:.2e} | {rate:,.0f} tok/s{mfu} | ETA {remaining:,.0f}s", flush=True)
