@@ -71,8 +71,7 @@ def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str
         results = run_trials(plan, todo, parent, quiet=not verbose, searcher=searcher)
         roles = [((r.config or {}).get("ladder") or {}).get("role") for r in results]
         stable = [r for r, role in zip(results, roles) if role == STABLE]  # a ladder's: not grid points
-        outcome = [r.metrics.get("status") if r.error is None else Outcome.ERRORED
-                   for r, role in zip(results, roles) if role != STABLE]
+        outcome = [trial_status(r) for r, role in zip(results, roles) if role != STABLE]
         unfinished = len(outcome) - outcome.count(Outcome.FINISHED) - outcome.count(Outcome.SKIPPED)
         if plan.ladder:
             unfinished += report_ladder(stable, searcher, sweep_context(plan, parent, not verbose))
@@ -150,11 +149,16 @@ def sweep_context(plan: SweepPlan, parent_run_id: str, quiet: bool) -> SweepCont
                         tuple(sweep.search), quiet)
 
 
+def trial_status(result) -> str:
+    """How a finished Tune trial ended: the status its point reported, or errored where the trial raised."""
+    return result.metrics.get("status") if result.error is None else Outcome.ERRORED
+
+
 def report_ladder(stable: list, searcher: LadderSearch, context: SweepContext) -> int:
     """Print how the stable runs ended and the branches that could not start; their number (unfinished work). A
     branch past the step where its stable run diverged is recorded as diverged, as its point trained whole would
     be, so that it is not retried (but by --rerun-failed)."""
-    ended = [r.metrics.get("status") if r.error is None else Outcome.ERRORED for r in stable]
+    ended = [trial_status(r) for r in stable]
     bad = len(ended) - ended.count(Outcome.FINISHED) - ended.count(Outcome.SKIPPED)
     print(f"ladder: {ended.count(Outcome.FINISHED)} stable runs trained, {bad} failed")
     for job in searcher.blocked:
