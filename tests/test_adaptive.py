@@ -92,6 +92,21 @@ def test_matched_budgets_reach_the_other_familys_losses():
     assert 80 < gap < 600
 
 
+def test_a_pilot_below_the_ladders_reach_moves_up_and_the_matched_budgets_end_interior(monkeypatch):
+    """An ARM whose optimum at the pilot budget lies below the ladder's smallest shape (a large vocabulary's head
+    makes every shape big on the spent axis): the pilot moves up until the ladder brackets its optimum."""
+    monkeypatch.setitem(LAWS, "arm", (3.9e-5, 0.66, 6.186, -0.0303))  # N* = 110 at the first pilot's 6.2e9
+    planned, _ = run_to_end(sweep_config())
+    text = "\n".join(planned.decisions)
+    assert "arm 6.2e+09: optimum left at the smaller edge" in text and "the ladder has no smaller shape" in text
+    moved = re.findall(r"arm: pilot ([\d.e+]+) ends below the ladder's reach; moved up [\d.]+x to ([\d.e+]+)", text)
+    assert moved and moved[0][0] == "6.2e+09" and float(moved[-1][1]) > 6.2e9
+    assert re.search(rf"arm: mdm reaches loss .*x arm.s {re.escape(moved[-1][1])}", text)  # placed from the moved pilot
+    arm = planned.curves["arm"]  # the moved pilot and the matched budgets, not the edge pilots
+    assert float(moved[-1][1]) in [c.budget for c in arm] and 6.2e9 not in [c.budget for c in arm]
+    assert len(arm) >= 3 and all(c.interior for c in arm) and not planned.waiting, arm
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_decisions_depend_on_the_settled_runs_not_the_order_they_finish_in(seed):
     at_once, results = run_to_end(sweep_config(), noise=0.0)

@@ -27,6 +27,7 @@ EXPONENT_RANGE = (0.25, 0.75)  # a fitted N*(C) exponent outside this is noise b
 PRIOR_LOSS_SLOPE = -0.05  # d ln L* / d ln C with one budget to go on: the demo's frontiers fall as C^-0.03..-0.05
 SIZES_PER_EXTENSION = 2
 NEAR_BUDGET = 1.5  # a placed budget this close to one the family already has would repeat it
+PILOT_MOVES = 2  # a pilot whose optimum lies below the ladder moves up at most this often (span^2 in all)
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ class Planner:
         pilot_budget = round_budget(target_budgets[0] / rule.prior_gap)
         self.say(f"{family}: pilot budget {pilot_budget:.3g} = {target}'s smallest {target_budgets[0]:.3g} / "
                  f"prior_gap {rule.prior_gap:g}")
-        pilot = self.curve(family, pilot_budget, *self.predict(family, pilot_budget, []))
+        pilot_budget, pilot = self.pilot(family, pilot_budget)
         self.out.curves[family] = [pilot] if pilot else []
         need = min(2, len(target_budgets))
         first = self.out.curves.get(target, [])[:need]
@@ -233,6 +234,23 @@ class Planner:
         self.say(f"{family}: optimum losses {ours[0]:.4f}-{ours[1]:.4f} miss {target}'s {theirs[0]:.4f}-{theirs[1]:.4f}; "
                  "placing its budgets once more from every settled budget")
         self.chain(family, self.place(family, rule, targets, settled), settled)
+
+    def pilot(self, family: str, budget: float) -> tuple[float, Curve | None]:
+        """The pilot's budget and curve, moved up while its optimum lies below what the ladder can bracket: at that
+        budget no shape is small enough, so no loss measured there can place the matched budgets. It moves to
+        the budget where the optimum, scaled from the edge as C^0.5, puts the window's lower half on the ladder.
+        The edge pilot's runs stay in the study; the analysis leaves an edge budget out of its fits."""
+        edges: list[Curve] = []  # the pilots below the ladder's reach so far
+        while True:
+            curve = self.curve(family, budget, *self.predict(family, budget, edges[-1:]))
+            if curve is None or curve.interior or len(edges) == PILOT_MOVES:
+                return budget, curve
+            above = round_budget(self.smallest_centred(family, [curve]))
+            if above < budget * NEAR_BUDGET:  # the ladder reaches below this optimum: the edge has another cause
+                return budget, curve
+            self.say(f"{family}: pilot {budget:.3g} ends below the ladder's reach; moved up {above / budget:.3g}x "
+                     f"to {above:.3g}")
+            budget, edges = above, [*edges, curve]
 
     def place(self, family: str, rule: BudgetMatch, targets: list[Curve], ours: list[Curve]) -> list[float]:
         """`count` budgets over the matched family's budget range divided by the compute ratio measured at the
