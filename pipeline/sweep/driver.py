@@ -31,6 +31,7 @@ from pipeline.sweep.plan import (SweepPlan, format_loss_ranges, plan_sweep, reso
 from pipeline.sweep.progress import SweepBoard, SweepProgress
 from pipeline.sweep.trial import SweepContext, run_trial
 from pipeline.training import kept_checkpoints
+from pipeline.training.run_folder import RunFolder
 
 
 def run_sweep(path: str | Path, *, address: str | None = None, tracking_uri: str | None = None,
@@ -134,8 +135,8 @@ def ladder_search(plan: SweepPlan, todo: list[GridPoint]) -> LadderSearch:
     storage = str(Path(plan.sweep.storage).resolve())
     work = ladder_work(plan.ladder, {p.spec.run_hash for p in todo},
                        kept=lambda run: kept_checkpoints.kept_steps(stable_checkpoints(storage, run.run_hash)),
-                       resumable=lambda p: (Path(storage) / "runs" / p.spec.run_hash / "checkpoints" /
-                                            kept_checkpoints.LATEST).exists())
+                       resumable=lambda p: kept_checkpoints.has_checkpoint(
+                           RunFolder.of_point(storage, p.spec.run_hash).checkpoints))
     print(f"ladder: {len(work.stable)} stable runs to train (to steps "
           f"{', '.join(str(needed[-1]) for _, needed in work.stable) or '-'}), {len(work.branches)} branches and "
           f"{len(work.alone)} points alone to run")

@@ -9,7 +9,6 @@ kill derives the work left from MLflow's finished runs and the checkpoints on di
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 from ray.tune.search import Searcher
@@ -22,6 +21,7 @@ from pipeline.sweep.ladder_trial import StableJob, stable_checkpoints
 from pipeline.sweep.outcome import Outcome
 from pipeline.sweep.progress import PointState
 from pipeline.training import kept_checkpoints
+from pipeline.training.run_folder import RunFolder
 
 
 @dataclass(frozen=True)
@@ -111,8 +111,8 @@ class LadderSearch(Searcher):
         return None
 
     def ready(self, job: Job) -> bool:
-        own = Path(self.storage) / "runs" / job.branch.point.spec.run_hash / "checkpoints" / kept_checkpoints.LATEST
-        return own.exists() or job.branch.step in kept_checkpoints.kept_steps(stable_checkpoints(self.storage,
+        own = RunFolder.of_point(self.storage, job.branch.point.spec.run_hash).checkpoints
+        return kept_checkpoints.has_checkpoint(own) or job.branch.step in kept_checkpoints.kept_steps(stable_checkpoints(self.storage,
                                                                                                  job.run.run_hash))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:

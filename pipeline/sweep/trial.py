@@ -191,9 +191,9 @@ def train_point(spec: RunSpec, context: SweepContext, report: Callable[[dict], N
     links to it}. The point's own checkpoint, once it has one, comes first: a branch killed midway resumes there.
     """
     rank, world = ensure_process_group()
-    folder = RunFolder(Path(context.storage) / "runs" / spec.run_hash)
+    folder = RunFolder.of_point(context.storage, spec.run_hash)
     resume_from = None
-    if start and not (folder.path / "checkpoints" / kept_checkpoints.LATEST).exists():
+    if start and not kept_checkpoints.has_checkpoint(folder.checkpoints):
         resume_from = Path(start["from"])
         if not kept_checkpoints.is_kept(resume_from):
             raise RuntimeError(f"ladder: {spec.run_name} branches from {resume_from}, which is not a complete kept "

@@ -41,6 +41,11 @@ def kept_steps(folder: Path) -> set[int]:
     return {step for entry in folder.iterdir() if (step := step_of(entry.name)) is not None and is_kept(entry)}
 
 
+def has_checkpoint(folder: Path) -> bool:
+    """Whether checkpoint folder `folder` holds a DeepSpeed checkpoint to resume from."""
+    return (folder / LATEST).exists()
+
+
 def latest_step(folder: Path) -> int | None:
     """The step of the newest complete checkpoint DeepSpeed points at, if its folder is still there."""
     pointer = folder / LATEST

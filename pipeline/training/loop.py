@@ -146,7 +146,7 @@ class Run:
 
     @property
     def checkpoints(self) -> Path:
-        return self.folder.path / "checkpoints"
+        return self.folder.checkpoints
 
 
 def build_run(spec: RunSpec, data_dir: str | Path, out_dir: str | Path) -> Run:
@@ -176,10 +176,10 @@ def build_run(spec: RunSpec, data_dir: str | Path, out_dir: str | Path) -> Run:
 def resume(run: Run, resume_from: str | Path | None) -> int:
     """Load `resume_from` (a DeepSpeed checkpoint folder, whose latest tag is taken, or one tag's folder in it),
     else the run's own latest checkpoint; the next step."""
-    source = Path(resume_from) if resume_from else (run.checkpoints if (run.checkpoints / "latest").exists() else None)
+    source = Path(resume_from) if resume_from else (run.checkpoints if kept_checkpoints.has_checkpoint(run.checkpoints) else None)
     if source is None:
         return 0
-    if (source / kept_checkpoints.LATEST).exists():
+    if kept_checkpoints.has_checkpoint(source):
         _, client = run.engine.load_checkpoint(str(source))
     else:  # a tag's folder: a ladder's branch starts from its stable run's checkpoint at the branch step
         _, client = run.engine.load_checkpoint(str(source.parent), tag=source.name)

@@ -35,6 +35,16 @@ class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
+    @classmethod
+    def of_point(cls, storage: str | Path, run_hash: str) -> RunFolder:
+        """A sweep point's folder in the sweep's storage."""
+        return cls(Path(storage) / "runs" / run_hash)
+
+    @property
+    def checkpoints(self) -> Path:
+        """DeepSpeed's resumable checkpoints, there while the run trains."""
+        return self.path / "checkpoints"
+
     @property
     def weights(self) -> Path:
         """The weights file: model.safetensors, or model.pt in a folder finished before safetensors."""
@@ -78,7 +88,7 @@ class RunFolder:
             raise RunFolderError(f"checkpoint: {self.path}: no such folder")
         missing = [f.name for f in self.files if not f.is_file()]
         if missing:
-            state = ("an unfinished run: DeepSpeed checkpoints only" if (self.path / "checkpoints").is_dir()
+            state = ("an unfinished run: DeepSpeed checkpoints only" if self.checkpoints.is_dir()
                      else "not a finished run's folder")
             raise RunFolderError(f"checkpoint: {self.path} has no {' or '.join(missing)} ({state}; training writes "
                                  "result.json last)")
