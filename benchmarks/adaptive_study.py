@@ -19,7 +19,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from pipeline import tracking
+from pipeline.data.dataset import load_dataset
 from pipeline.data.synthetic import SyntheticSpec, synthetic
+from pipeline.sweep.adaptive import schedule
 from pipeline.sweep.grid import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,12 +44,24 @@ def isoflop(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pipeline.cli", *args], check=True)
 
 
-def summary(out: Path) -> None:
+def planned_budgets(path: Path) -> dict[str, set[float]]:
+    """Each family's budgets the planner kept, re-derived from the finished runs: not a pilot it moved up."""
+    sweep = load_sweep(path)
+    data = load_dataset(sweep.data.path).info
+    planned = schedule(sweep, data.vocab_size, tracking.settled_results(sweep.tracking_uri, sweep.name),
+                       data.fingerprint, data.train_blocks(sweep.train.seq_len))
+    return {family: {c.budget for c in curves} for family, curves in planned.curves.items()}
+
+
+def summary(out: Path, path: Path) -> None:
     """Each budget's optimum, the report's headline, and the FLOPs spent against a hand-centred grid."""
     fits = json.loads((out / "analysis" / "fits.json").read_text())
+    kept = planned_budgets(path)
     for family, result in fits["families"].items():
         for bucket in result["isoflop"]["budgets"]:
             state = "edge" if bucket["edge"] else f"interior, N* = {bucket['n_opt']:.3g}"
+            if bucket["budget"] not in kept[family]:
+                state += " (a pilot the planner moved up: its optimum lies below the ladder)"
             print(f"{family} {bucket['budget']:.3g}: {state}")
     print((out / "analysis" / "report.md").read_text().splitlines()[2])
     runs = pd.read_csv(out / "analysis" / "runs.csv")
@@ -73,7 +88,7 @@ def main() -> None:
     isoflop("sweep", str(path))
     isoflop("analyze", "--experiment", "untuned", "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}",
             "--out", str(out / "analysis"), "--floor", "entropy")
-    summary(out)
+    summary(out, path)
 
 
 if __name__ == "__main__":

@@ -99,8 +99,10 @@ def test_a_pilot_below_the_ladders_reach_moves_up_and_the_matched_budgets_end_in
     planned, _ = run_to_end(sweep_config())
     text = "\n".join(planned.decisions)
     assert "arm 6.2e+09: optimum left at the smaller edge" in text and "the ladder has no smaller shape" in text
-    moved = re.findall(r"arm: pilot ([\d.e+]+) ends below the ladder's reach; moved up [\d.]+x to ([\d.e+]+)", text)
+    moved = re.findall(r"arm: pilot ([\d.e+]+) ends below the ladder's smallest shape; moved up [\d.]+x to ([\d.e+]+)", text)
     assert moved and moved[0][0] == "6.2e+09" and float(moved[-1][1]) > 6.2e9
+    assert f"arm {moved[0][1]}: sizes centred on N = " in text and "(the ladder's smallest shape cpu-0.3k at the " \
+                                                                   "window's lower end)" in text
     assert re.search(rf"arm: mdm reaches loss .*x arm.s {re.escape(moved[-1][1])}", text)  # placed from the moved pilot
     arm = planned.curves["arm"]  # the moved pilot and the matched budgets, not the edge pilots
     assert float(moved[-1][1]) in [c.budget for c in arm] and 6.2e9 not in [c.budget for c in arm]

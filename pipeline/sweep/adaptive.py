@@ -37,6 +37,7 @@ class Curve:
     n_opt: float
     loss: float
     interior: bool
+    below_ladder: bool = False  # lowest at the smaller edge, with no smaller shape on the ladder
 
 
 @dataclass
@@ -130,15 +131,16 @@ class Planner:
             room = self.rule.extend - added
             beyond = self.beyond(family, shapes, side, min(room, SIZES_PER_EXTENSION), runnable)
             if room <= 0 or not beyond:
+                ladder_end = room > 0 and not self.beyond(family, shapes, side, 1, self.ladder)
                 if room <= 0:
                     limit = f"sizes.extend = {self.rule.extend} sizes already added"
-                elif self.beyond(family, shapes, side, 1, self.ladder):
+                elif not ladder_end:
                     limit = (f"no {side} size can run at this budget: it would repeat data beyond train.max_epochs "
                              "or take fewer than train.min_steps steps")
                 else:
                     limit = f"the ladder has no {side} shape; add some under sizes.shapes to go further"
                 self.say(f"{where}: optimum left at the {side} edge ({why}); stopped: {limit}")
-                return Curve(budget, n_opt, loss, False)
+                return Curve(budget, n_opt, loss, False, below_ladder=ladder_end and side == "smaller")
             self.say(f"{where}: {why}; adding {labels(beyond)}")
             shapes, added = sorted([*shapes, *beyond], key=lambda s: self.size(family, s)), added + len(beyond)
 
@@ -236,21 +238,22 @@ class Planner:
         self.chain(family, self.place(family, rule, targets, settled), settled)
 
     def pilot(self, family: str, budget: float) -> tuple[float, Curve | None]:
-        """The pilot's budget and curve, moved up while its optimum lies below what the ladder can bracket: at that
-        budget no shape is small enough, so no loss measured there can place the matched budgets. It moves to
-        the budget where the optimum, scaled from the edge as C^0.5, puts the window's lower half on the ladder.
-        The edge pilot's runs stay in the study; the analysis leaves an edge budget out of its fits."""
-        edges: list[Curve] = []  # the pilots below the ladder's reach so far
+        """The pilot's budget and curve, moved up while its optimum lies below the ladder's smallest shape: no loss
+        measured there can place the matched budgets. Each move multiplies the budget by `span`, so an optimum
+        growing as C^0.5 rises by sqrt(span), and centres the window at sqrt(span) x the smallest shape, its lower
+        half on the ladder. The edge pilot's runs stay in the study; the analysis leaves an edge budget out of
+        its fits."""
+        centre, moves = self.predict(family, budget, []), 0
         while True:
-            curve = self.curve(family, budget, *self.predict(family, budget, edges[-1:]))
-            if curve is None or curve.interior or len(edges) == PILOT_MOVES:
+            curve = self.curve(family, budget, *centre)
+            if curve is None or not curve.below_ladder or moves == PILOT_MOVES:
                 return budget, curve
-            above = round_budget(self.smallest_centred(family, [curve]))
-            if above < budget * NEAR_BUDGET:  # the ladder reaches below this optimum: the edge has another cause
-                return budget, curve
-            self.say(f"{family}: pilot {budget:.3g} ends below the ladder's reach; moved up {above / budget:.3g}x "
-                     f"to {above:.3g}")
-            budget, edges = above, [*edges, curve]
+            above, bottom = round_budget(budget * self.rule.span), self.ladder[0]
+            self.say(f"{family}: pilot {budget:.3g} ends below the ladder's smallest shape; moved up "
+                     f"{above / budget:.3g}x to {above:.3g}")
+            centre = (self.size(family, bottom) * math.sqrt(self.rule.span),
+                      f"the ladder's smallest shape {bottom.label} at the window's lower end")
+            budget, moves = above, moves + 1
 
     def place(self, family: str, rule: BudgetMatch, targets: list[Curve], ours: list[Curve]) -> list[float]:
         """`count` budgets over the matched family's budget range divided by the compute ratio measured at the
