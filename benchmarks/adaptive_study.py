@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,7 @@ def summary(out: Path, path: Path) -> None:
     for family, result in fits["families"].items():
         for bucket in result["isoflop"]["budgets"]:
             state = "edge" if bucket["edge"] else f"interior, N* = {bucket['n_opt']:.3g}"
-            if bucket["budget"] not in kept[family]:
+            if not any(abs(math.log(bucket["budget"] / b)) < math.log(1.1) for b in kept[family]):  # spent, not set
                 state += " (a pilot the planner moved up: its optimum lies below the ladder)"
             print(f"{family} {bucket['budget']:.3g}: {state}")
     print((out / "analysis" / "report.md").read_text().splitlines()[2])

@@ -66,6 +66,7 @@ class Planner:
         self.done: dict[str, bool] = {}
         self.known: dict[str, GridPoint | None] = {}  # run hash -> point placed (None: dropped)
         self.sizes: dict[tuple[str, Shape], float] = {}
+        self.below: dict[str, float] = {}  # family -> the largest budget its optimum was found below the ladder at
 
     def plan(self) -> Schedule:
         if self.sweep.flops_convention == "spent":
@@ -251,6 +252,7 @@ class Planner:
             above, bottom = round_budget(budget * self.rule.span), self.ladder[0]
             self.say(f"{family}: pilot {budget:.3g} ends below the ladder's smallest shape; moved up "
                      f"{above / budget:.3g}x to {above:.3g}")
+            self.below[family] = budget
             centre = (self.size(family, bottom) * math.sqrt(self.rule.span),
                       f"the ladder's smallest shape {bottom.label} at the window's lower end")
             budget, moves = above, moves + 1
@@ -271,9 +273,12 @@ class Planner:
         self.say(f"{family}: {rule.match} reaches loss {reference.loss:.4f} at {their_compute:.3g} (slope "
                  f"{slope:.3f}), {gap:.3g}x {family}'s {reference.budget:.3g}")
         floor = self.smallest_centred(family, ours)
+        why = f"the window would centre under the ladder's smallest shape {self.ladder[0].label}"
+        if self.below.get(family, 0) * NEAR_BUDGET > floor:  # measured, where the prediction assumed C^0.5
+            floor = self.below[family] * NEAR_BUDGET
+            why = f"{family}'s optimum at {self.below[family]:.3g} lay below the ladder's smallest shape"
         if budgets[0] < floor:
-            self.say(f"{family}: budgets raised {floor / budgets[0]:.3g}x: below {floor:.3g} the window would centre "
-                     f"under the ladder's smallest shape {self.ladder[0].label}")
+            self.say(f"{family}: budgets raised {floor / budgets[0]:.3g}x: below {floor:.3g} {why}")
             budgets = [b * floor / budgets[0] for b in budgets]
         kept = []
         for budget in map(round_budget, budgets):
