@@ -107,6 +107,7 @@ def test_a_pilot_below_the_ladders_reach_moves_up_and_the_matched_budgets_end_in
     arm = planned.curves["arm"]  # the moved pilot and the matched budgets, not the edge pilots
     assert float(moved[-1][1]) in [c.budget for c in arm] and 6.2e9 not in [c.budget for c in arm]
     assert len(arm) >= 3 and all(c.interior for c in arm) and not planned.waiting, arm
+    assert min(c.budget for c in arm) >= 1.5 * float(moved[-1][0])  # nothing placed where the ladder fell short
 
 
 @pytest.mark.parametrize("seed", [1, 2])
