@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from helpers import TRAIN, assert_one_finished_run_per_point, child_runs, isoflop, start_sweep, write_sweep
 from pipeline.data.dataset import load_dataset
 from pipeline.errors import SweepError
-from pipeline.sweep.adaptive import optimum, schedule
+from pipeline.sweep.adaptive import Curve, Planner, optimum, schedule
 from pipeline.sweep.adaptive_search import DECISIONS_FILE
 from pipeline.sweep.driver import run_sweep
 from pipeline.sweep.grid import analysis_size, load_sweep
@@ -108,6 +108,20 @@ def test_a_pilot_below_the_ladders_reach_moves_up_and_the_matched_budgets_end_in
     assert float(moved[-1][1]) in [c.budget for c in arm] and 6.2e9 not in [c.budget for c in arm]
     assert len(arm) >= 3 and all(c.interior for c in arm) and not planned.waiting, arm
     assert min(c.budget for c in arm) >= 1.5 * float(moved[-1][0])  # nothing placed where the ladder fell short
+
+
+def test_matched_budgets_stay_above_a_budget_whose_optimum_lay_below_the_ladder():
+    """A pilot moved up past a budget where no shape was small enough: the matched budgets, placed from its
+    curve with N* taken as C^0.5, would go back down there; they stop 1.5x above it."""
+    planner = Planner(sweep_config(), 512, {}, "", None)
+    rule = planner.sweep.budgets_for("arm")
+    mdm = [Curve(1e11, 2e4, 3.50, True), Curve(3e11, 2.2e4, 3.45, True)]
+    pilot = [Curve(5.6e10, 1.7e4, 3.17, True)]  # far below the MDM's losses: a large gap, small budgets
+    assert min(planner.place("arm", rule, mdm, pilot)) < 1e9
+    planner.below["arm"] = 9.4e9
+    assert min(planner.place("arm", rule, mdm, pilot)) == 1.4e10
+    assert "arm: budgets raised" in planner.out.decisions[-3] and \
+        "below 1.41e+10 arm's optimum at 9.4e+09 lay below the ladder's smallest shape" in planner.out.decisions[-3]
 
 
 @pytest.mark.parametrize("seed", [1, 2])
