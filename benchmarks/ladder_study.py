@@ -35,9 +35,10 @@ from pipeline.sweep.ladder import plan_ladder
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = [1e11, 1.8e11, 3.2e11, 5.6e11, 1e12]
 ARM_BUDGETS = [1e10, 3e10, 1e11]  # the demo's planner placed its ARM at 9.4e9-9.7e10 to reach the MDM's losses
-# Windows around N = sqrt(C / (6 tokens_per_param)) that hold the demo's planned optima (spent N): MDM 1.1-1.4e4
-# at 1.5e11-1.35e12, ARM 3.7e3-1.6e4 at 9.4e9-9.7e10
-TOKENS_PER_PARAM = {"mdm": 600, "arm": 60}
+# A fixed size rule centres its window on non-embedding N = sqrt(C / (6 tokens_per_param)); these put the demo's
+# planned optima (spent N: MDM 1.3-1.6e4 at 1.5e11-8e11, ARM 3.7e3-1.2e4 at 9.4e9-5.8e10, about cpu16-4k and
+# cpu16-0.3k to 2k) inside the windows (600 and 60, read as spent N, left most budgets at an edge: docs/LOG.md).
+TOKENS_PER_PARAM = {"mdm": 2500, "arm": 4000}
 
 
 def sweep_file(out: Path, budgets: dict[str, list[float]], ladder: bool) -> Path:
