@@ -176,7 +176,8 @@ def build_run(spec: RunSpec, data_dir: str | Path, out_dir: str | Path) -> Run:
 def resume(run: Run, resume_from: str | Path | None) -> int:
     """Load `resume_from` (a DeepSpeed checkpoint folder, whose latest tag is taken, or one tag's folder in it),
     else the run's own latest checkpoint; the next step."""
-    source = Path(resume_from) if resume_from else (run.checkpoints if kept_checkpoints.has_checkpoint(run.checkpoints) else None)
+    own = run.checkpoints if kept_checkpoints.has_checkpoint(run.checkpoints) else None
+    source = Path(resume_from) if resume_from else own
     if source is None:
         return 0
     if kept_checkpoints.has_checkpoint(source):
