@@ -20,11 +20,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from pipeline import tracking
-from pipeline.data.dataset import load_dataset
 from pipeline.data.synthetic import SyntheticSpec, synthetic
-from pipeline.sweep.adaptive import schedule
 from pipeline.sweep.grid import load_sweep
+from pipeline.sweep.plan import plan_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 LANGUAGE = SyntheticSpec(content_tokens=700, topics=67, language_seed=7)  # vocab 768; the demo's is 512, seed 0
@@ -47,11 +45,8 @@ def isoflop(*args: str) -> None:
 
 def planned_budgets(path: Path) -> dict[str, set[float]]:
     """Each family's budgets the planner kept, re-derived from the finished runs: not a pilot it moved up."""
-    sweep = load_sweep(path)
-    data = load_dataset(sweep.data.path).info
-    planned = schedule(sweep, data.vocab_size, tracking.settled_results(sweep.tracking_uri, sweep.name),
-                       data.fingerprint, data.train_blocks(sweep.train.seq_len))
-    return {family: {c.budget for c in curves} for family, curves in planned.curves.items()}
+    curves = plan_sweep(path, dry_run=True).schedule.curves
+    return {family: {c.budget for c in settled} for family, settled in curves.items()}
 
 
 def summary(out: Path, path: Path) -> None:

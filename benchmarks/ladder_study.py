@@ -27,10 +27,10 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.data.dataset import load_dataset
 from pipeline.mlflow_keys import HASH_TAG
-from pipeline.sweep.grid import expand_grid, load_sweep
+from pipeline.sweep.grid import load_sweep
 from pipeline.sweep.ladder import plan_ladder
+from pipeline.sweep.plan import plan_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = [1e11, 1.8e11, 3.2e11, 5.6e11, 1e12]
@@ -74,20 +74,15 @@ def analyze(path: Path) -> dict:
     return fits
 
 
-def losses(path: Path) -> dict[str, tuple[str, float, str, float]]:
-    """Run hash -> (family, budget, model, val_loss) of each finished point."""
+def losses(path: Path) -> dict[tuple[str, float, str], float]:
+    """(family, budget, model) -> val_loss of each finished point: a point's cosine and wsd runs differ in hash."""
     sweep = load_sweep(path)
     client = MlflowClient(sweep.tracking_uri)
     experiment = client.get_experiment_by_name(sweep.name)
     runs = client.search_runs([experiment.experiment_id], f"tags.`{HASH_TAG}` != '' and attributes.status = "
                               "'FINISHED'", max_results=1000)
-    return {r.data.tags[HASH_TAG]: (r.data.params["family"], float(r.data.params["budget"]), r.data.params["model"],
-                                    r.data.metrics["val_loss"]) for r in runs if "val_loss" in r.data.metrics}
-
-
-def by_shape(runs: dict) -> dict[tuple, float]:
-    """(family, budget, model) -> val_loss: the cosine and wsd runs of a point have different hashes."""
-    return {key[:3]: key[3] for key in runs.values()}
+    return {(r.data.params["family"], float(r.data.params["budget"]), r.data.params["model"]):
+            r.data.metrics["val_loss"] for r in runs if "val_loss" in r.data.metrics}
 
 
 def interval(ci) -> str:
@@ -125,10 +120,8 @@ def main() -> None:
     seconds = {name: timed_sweep(path) for name, path in (("cosine", cosine), ("ladder", ladder))}
     fits = {name: analyze(path) for name, path in (("cosine", cosine), ("ladder", ladder))}
 
-    data = load_dataset(args.out / "data").info
-    sweep = load_sweep(ladder)
-    grid, _ = expand_grid(sweep, data.vocab_size, data.fingerprint, data.train_blocks(sweep.train.seq_len))
-    plan = plan_ladder(grid)
+    planned = plan_sweep(ladder, dry_run=True)
+    grid, plan = planned.points, planned.ladder
     by_point = sum(p.plan.flops for p in grid)
     print(f"FLOPs: ladder {plan.flops:.3g} ({len(plan.stable)} stable runs, {len(plan.branches)} branches, "
           f"{len(plan.alone)} alone) against {by_point:.3g} point by point: {plan.flops / by_point:.2f}x")
@@ -138,7 +131,7 @@ def main() -> None:
     print(f"wall time: ladder {seconds['ladder']:.0f} s against {seconds['cosine']:.0f} s point by point: "
           f"{seconds['ladder'] / seconds['cosine']:.2f}x (fresh runs only)")
 
-    mine, theirs = by_shape(losses(ladder)), by_shape(losses(cosine))
+    mine, theirs = losses(ladder), losses(cosine)
     for family in budgets:
         ratios = sorted(mine[k] / theirs[k] for k in mine if k in theirs and k[0] == family)
         if ratios:
