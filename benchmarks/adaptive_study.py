@@ -28,10 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 LANGUAGE = SyntheticSpec(content_tokens=700, topics=67, language_seed=7)  # vocab 768; the demo's is 512, seed 0
 
 
-def study_file(out: Path) -> Path:
+def study_file(out: Path, seeds: list[int]) -> Path:
     """The demo's sweep (budgets, planner, recipe) on this corpus, with no hand-set centring."""
     sweep = yaml.safe_load((ROOT / "sweeps" / "demo.yaml").read_text())
     sweep["sizes"].pop("tokens_per_param", None)  # the planner's first guess: 20 for both families
+    sweep["seeds"] = seeds
     sweep.update(name="untuned", data={"path": str(out / "data")},
                  tracking_uri=f"sqlite:///{out / 'mlflow.db'}", storage=str(out / "ray"))
     path = out / "study.yaml"
@@ -62,10 +63,11 @@ def summary(out: Path, path: Path) -> None:
     print((out / "analysis" / "report.md").read_text().splitlines()[2])
     runs = pd.read_csv(out / "analysis" / "runs.csv")
     spent = runs.groupby("family")["budget"].sum()
-    hand = runs.groupby("family")["budget"].apply(lambda b: 5 * b.unique().sum())
+    seeds = runs["seed"].nunique()
+    hand = runs.groupby("family")["budget"].apply(lambda b: 5 * seeds * b.unique().sum())
     for family in spent.index:
         print(f"{family}: {spent[family]:.3g} FLOPs over {runs[runs.family == family].budget.nunique()} budgets; "
-              f"a 5-size grid of the same budgets: {hand[family]:.3g} ({spent[family] / hand[family]:.2f}x)")
+              f"a 5-size grid of the same budgets and seeds: {hand[family]:.3g} ({spent[family] / hand[family]:.2f}x)")
     print(f"all: {spent.sum() / hand.sum():.2f}x the FLOPs of the hand-centred grid")
 
 
@@ -73,13 +75,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "untuned")
     parser.add_argument("--tokens", type=int, default=48_000_000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="training seeds of every point; the planner centres on their mean loss")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "data" / "meta.json").exists():
         print(f"writing the corpus (vocab {LANGUAGE.content_tokens + LANGUAGE.topics + 1}) to {out / 'data'}", flush=True)
         synthetic(out / "data", tokens=args.tokens, seed=3, spec=LANGUAGE)
-    path = study_file(out)
+    path = study_file(out, args.seeds)
     load_sweep(path)  # a bad file fails here, before any compute
     isoflop("sweep", str(path))
     isoflop("analyze", "--experiment", "untuned", "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}",

@@ -15,7 +15,7 @@ the truth. Two designs: sizes centred on the true N*, and offset in ln N by up t
 default 40 studies per design take about 3 minutes on 2 cores (standard error of a 0.95 coverage: 0.035); 400
 give 0.011.
 
-Usage: python benchmarks/band_coverage.py [--studies 40] [--workers 2] [--noise mdm=0.05 --noise arm=0.01]
+Usage: python benchmarks/band_coverage.py [--studies 40] [--workers 2] [--noise mdm=0.05 --noise arm=0.01] [--seeds 2]
 """
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ class Truth:
     gap: float
     budgets: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(BUDGETS))
     noise: dict[str, float] = field(default_factory=lambda: dict(NOISE))
+    seeds: int = 1  # runs per point, each with its own noise draw
 
     def laws(self) -> dict[str, ChinchillaLaw]:
         # L(N, D/k) = E + A/N^alpha + (B k^beta)/D^beta
@@ -72,7 +73,7 @@ def true_n_opt(law: ChinchillaLaw, budget: float) -> float:
 
 
 def simulate_table(truth: Truth, rng: np.random.Generator, offset: float = 0.0) -> pd.DataFrame:
-    """One seed per point: SIZES sizes per budget over a factor SPAN around the true N* shifted by up to
+    """`truth.seeds` runs per point: SIZES sizes per budget over a factor SPAN around the true N* shifted by up to
     `offset` of that span in ln N, loss = L(N, D) + noise. Shifts are drawn even when `offset` is 0, so that
     both designs see the same noise."""
     rows = []
@@ -82,9 +83,10 @@ def simulate_table(truth: Truth, rng: np.random.Generator, offset: float = 0.0) 
             sizes = true_n_opt(law, budget) * math.exp(shift) * np.geomspace(SPAN ** -0.5, SPAN ** 0.5, SIZES)
             for n in sizes:
                 d = budget / (6 * n)
-                loss = float(law.loss(n, d)) + truth.noise[family] * rng.standard_normal()
-                rows.append({"family": family, "budget": budget, "params": n, "tokens": d, "loss": loss, "seed": 0,
-                             "flops_convention": "6ND"})
+                for seed in range(truth.seeds):
+                    loss = float(law.loss(n, d)) + truth.noise[family] * rng.standard_normal()
+                    rows.append({"family": family, "budget": budget, "params": n, "tokens": d, "loss": loss,
+                                 "seed": seed, "flops_convention": "6ND"})
     return pd.DataFrame(rows)
 
 
@@ -249,16 +251,17 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"std of one run's loss (default {', '.join(f'{k}={v}' for k, v in NOISE.items())})")
     parser.add_argument("--gap", type=float, default=GAP, help=f"true compute gap k (default {GAP:g})")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES, help="resamples per analysis")
+    parser.add_argument("--seeds", type=int, default=1, help="runs per point, each with its own noise (default 1)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--csv", metavar="FILE", help="also write one row per study here")
     args = parser.parse_args(argv)
-    truth = Truth(ARM_LAW, args.gap, noise=parse_noise(args.noise))
+    truth = Truth(ARM_LAW, args.gap, noise=parse_noise(args.noise), seeds=args.seeds)
     designs = [d.strip() for d in args.designs.split(",") if d.strip()]
     if unknown := set(designs) - set(DESIGNS):
         raise SystemExit(f"--designs: unknown {', '.join(sorted(unknown))}; have {', '.join(DESIGNS)}")
     print(f"truth: gap {truth.gap:g}x, N* exponent {truth.exponent:.4g}; noise "
-          f"{', '.join(f'{k} {v:g}' for k, v in truth.noise.items())} nats; {args.studies} studies x {len(designs)} "
+          f"{', '.join(f'{k} {v:g}' for k, v in truth.noise.items())} nats, {truth.seeds} seed(s) per point; {args.studies} studies x {len(designs)} "
           f"design(s), {args.bootstrap} resamples each, {args.workers} worker(s)", flush=True)
     os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one core per worker
     runs = run_all(truth, args.studies, designs, args.workers, args.seed, args.bootstrap)

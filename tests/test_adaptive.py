@@ -110,6 +110,26 @@ def test_a_pilot_below_the_ladders_reach_moves_up_and_the_matched_budgets_end_in
     assert min(c.budget for c in arm) >= 1.5 * float(moved[-1][0])  # nothing placed where the ladder fell short
 
 
+def test_an_overlap_the_ladder_cannot_reach_names_the_budget_that_would(monkeypatch):
+    """The ARM's losses lie below the MDM's at every budget whose optimum the ladder holds: no ARM budget can meet
+    the MDM's losses, and the planner says which MDM budget would."""
+    monkeypatch.setitem(LAWS, "arm", (3.9e-5, 0.66, 6.186, -0.0303))  # N* below the ladder up to ~3e10
+    monkeypatch.setitem(LAWS, "mdm", (0.0158, 0.489, 12.5, -0.0465))  # 10% above the demo's losses
+    planned, _ = run_to_end(sweep_config())
+    text = "\n".join(planned.decisions)
+    assert "arm: no new budget" in text
+    hint = re.search(r"arm: the overlap stays empty: mdm would reach arm's highest optimum loss ([\d.]+) near "
+                     r"([\d.e+]+) FLOPs; another mdm budget above that", text)
+    assert hint, text
+    arm, mdm = planned.curves["arm"], planned.curves["mdm"]
+    highest = max(c.loss for c in arm)
+    assert highest == pytest.approx(float(hint.group(1)), abs=1e-4) and highest < min(c.loss for c in mdm)
+    # the named budget lies beyond the MDM's largest, where its L*(C) reaches that loss
+    _, _, c, d = LAWS["mdm"]
+    reached = (float(hint.group(1)) / c) ** (1 / d)
+    assert float(hint.group(2)) > max(MDM_BUDGETS) and abs(math.log(float(hint.group(2)) / reached)) < 0.5
+
+
 def test_matched_budgets_stay_above_a_budget_whose_optimum_lay_below_the_ladder():
     """A pilot moved up past a budget where no shape was small enough: the matched budgets, placed from its
     curve with N* taken as C^0.5, would go back down there; they stop 1.5x above it."""

@@ -236,7 +236,13 @@ class Planner:
             return
         self.say(f"{family}: optimum losses {ours[0]:.4f}-{ours[1]:.4f} miss {target}'s {theirs[0]:.4f}-{theirs[1]:.4f}; "
                  "placing its budgets once more from every settled budget")
-        self.chain(family, self.place(family, rule, targets, settled), settled)
+        budgets = self.place(family, rule, targets, settled)
+        if not budgets and ours[1] < theirs[0]:  # ours cannot go lower: only a larger budget of theirs meets them
+            compute, _ = reach(targets, ours[1])
+            self.say(f"{family}: the overlap stays empty: {target} would reach {family}'s highest optimum loss "
+                     f"{ours[1]:.4f} near {compute:.2g} FLOPs; another {target} budget above that, or shapes smaller "
+                     f"than {self.ladder[0].label} under sizes.shapes, would measure the gap at a loss both reach")
+        self.chain(family, budgets, settled)
 
     def pilot(self, family: str, budget: float) -> tuple[float, Curve | None]:
         """The pilot's budget and curve, moved up while its optimum lies below the ladder's smallest shape: no loss
@@ -261,12 +267,7 @@ class Planner:
         """`count` budgets over the matched family's budget range divided by the compute ratio measured at the
         loss of our curve nearest theirs; raised as a whole where the smallest would centre below the ladder."""
         reference = min(ours, key=lambda c: min(abs(math.log(c.loss / t.loss)) for t in targets))
-        near = min(targets, key=lambda t: abs(math.log(reference.loss / t.loss)))
-        slope = PRIOR_LOSS_SLOPE
-        if len(targets) >= 2:
-            fitted = np.polyfit([math.log(t.budget) for t in targets], [math.log(t.loss) for t in targets], 1)[0]
-            slope = fitted if fitted < 0 else PRIOR_LOSS_SLOPE
-        their_compute = near.budget * math.exp(math.log(reference.loss / near.loss) / slope)
+        their_compute, slope = reach(targets, reference.loss)
         gap = their_compute / reference.budget
         span = sorted(self.sweep.budgets_for(rule.match))
         budgets = list(np.geomspace(span[0] / gap, span[-1] / gap, rule.count))
@@ -286,7 +287,7 @@ class Planner:
                 self.say(f"{family}: {budget:.3g} left out, {family} has a budget within {NEAR_BUDGET}x of it")
             else:
                 kept.append(budget)
-        self.say(f"{family}: budgets {', '.join(f'{b:.3g}' for b in kept)}")
+        self.say(f"{family}: budgets {', '.join(f'{b:.3g}' for b in kept)}" if kept else f"{family}: no new budget")
         return kept
 
     def smallest_centred(self, family: str, settled: list[Curve]) -> float:
@@ -337,6 +338,17 @@ def n_opt_law(curves: list[Curve]) -> tuple[float, float]:
     x, y = np.log([c.budget for c in curves]), np.log([c.n_opt for c in curves])
     exponent = float(np.clip(np.polyfit(x, y, 1)[0], *EXPONENT_RANGE))
     return float(math.exp(np.mean(y) - exponent * np.mean(x))), exponent
+
+
+def reach(curves: list[Curve], loss: float) -> tuple[float, float]:
+    """(the budget at which a family's optima reach `loss`, d ln L* / d ln C used): along its fitted L*(C) slope
+    (the prior with one budget, or where the fit does not fall) from its budget of nearest loss."""
+    near = min(curves, key=lambda c: abs(math.log(loss / c.loss)))
+    slope = PRIOR_LOSS_SLOPE
+    if len(curves) >= 2:
+        fitted = np.polyfit([math.log(c.budget) for c in curves], [math.log(c.loss) for c in curves], 1)[0]
+        slope = fitted if fitted < 0 else PRIOR_LOSS_SLOPE
+    return near.budget * math.exp(math.log(loss / near.loss) / slope), slope
 
 
 def loss_range(curves: list[Curve]) -> tuple[float, float]:
