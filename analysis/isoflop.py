@@ -3,10 +3,11 @@
 The fit and its bootstrap resamples are rows of one loss matrix (row 0: the data) solved at once.
 
 A point is one model size of a curve: the mean loss over its seeds, with a comparison error loss_se
-(analysis/runs.py). A curve whose every point has a positive finite loss_se is fitted by weighted least
-squares (weights 1/loss_se); otherwise unweighted, since a missing or zero error (a single-seed ARM is exact
-given its sequences) says nothing of the training noise between sizes. Bootstrap: a curve whose every point
-has >= 2 seeds resamples the seeds within each point; the other curves resample pooled parabola residuals.
+(analysis/runs.py). A curve with >= 2 seeds at every size is weighted by sqrt(seeds): one pair of seeds is too
+few to weigh a point by its own spread, and a pair that agrees by chance would pin the parabola. Any other
+curve whose every point has a positive finite loss_se is fitted by weighted least squares (weights 1/loss_se);
+otherwise unweighted, since a missing or zero error (a single-seed ARM is exact given its sequences) says
+nothing of the training noise between sizes. Bootstrap: pooled parabola residuals (_resample_losses).
 """
 from __future__ import annotations
 
@@ -123,19 +124,17 @@ def fit_isoflop(params: np.ndarray, tokens: np.ndarray, loss: np.ndarray, labels
     curves = [np.flatnonzero(labels == k) for k in range(len(budgets))]
     curved = [len(np.unique(params[idx])) >= MIN_SIZES for idx in curves]
     seeds = np.ones(len(loss), dtype=int) if seed_losses is None else np.isfinite(seed_losses).sum(axis=1)
-    weights = [None if loss_se is None else _weights(loss_se[idx]) for idx in curves]
     replicated = [ok and seeds[idx].min() >= 2 for idx, ok in zip(curves, curved)]
+    weights = [np.sqrt(seeds[idx]) if rep else None if loss_se is None else _weights(loss_se[idx])
+               for idx, rep in zip(curves, replicated)]
     notes: list[str] = []
     if not any(curved):
         per_budget = ", ".join(f"C={c:.3g}: {len(np.unique(params[idx]))}" for c, idx in zip(budgets, curves))
         notes.append(f"{family}: Approach 2 not applicable: no budget has >= {MIN_SIZES} model sizes "
                      f"(sizes per budget: {per_budget})")
     elif loss_se is not None:
-        notes.append(_weighting_note([w is not None for w, ok in zip(weights, curved) if ok], family))
-    if n_resamples > 0 and any(replicated):
-        rest = "" if sum(replicated) == sum(curved) else "; the others resample the parabola residuals"
-        notes.append(f"{family}: {sum(replicated)} of {sum(curved)} IsoFLOP curves have >= 2 seeds at every size: "
-                     f"their bootstrap resamples the seeds within each size{rest}")
+        others = [w is not None for w, ok, rep in zip(weights, curved, replicated) if ok and not rep]
+        notes.append(_weighting_note(others, family, sum(replicated)))
     samples = _resample_losses(x, loss, curves, curved, weights, n_resamples, rng or np.random.default_rng(0),
                                notes, family, replicated, seed_losses)
     fits = [fit_curve(c, params[idx], log_d[idx], samples[:, idx], family, notes, w, int(seeds[idx].sum()))
@@ -232,24 +231,27 @@ def fit_optima_laws(budgets: np.ndarray, optima: np.ndarray, mask: np.ndarray, l
 
 def _resample_losses(x, loss, curves, curved, weights, n_resamples, rng, notes, family, replicated,
                      seed_losses) -> np.ndarray:
-    """Row 0: the losses; rows 1..R: resampled losses, of replicated curves from their seeds, of the other
-    curves from their parabolas' residuals."""
+    """Row 0: the losses; rows 1..R: resampled losses, from the parabolas' pooled residuals; where those leave no
+    degrees of freedom, replicated curves from their seeds.
+
+    Residuals come first also where seeds exist: a point mean departs from its parabola by its seeds' noise and by
+    what its shape does that a parabola does not (an MDM's one-head and two-head shapes of similar size differ by
+    more than their seeds, docs/LOG.md 2026-12-07), and only the residuals see both."""
     if n_resamples <= 0 or not any(curved):
         return loss[None]
     samples = np.repeat(loss[None], n_resamples + 1, axis=0)
-    residual = [ok and not rep for ok, rep in zip(curved, replicated)]
-    if any(residual):
-        drawn = _residual_draws(x, loss, [c for c, r in zip(curves, residual) if r],
-                                [w for w, r in zip(weights, residual) if r], n_resamples, rng)
-        if drawn is None:
-            which = "curve without replicate seeds" if any(replicated) else "curve"
-            notes.append(f"{family}: every IsoFLOP {which} has exactly 3 runs, so the parabolas leave no residuals "
-                         "to resample: Approach 2 has no intervals")
-            return loss[None]
+    drawn = _residual_draws(x, loss, [c for c, ok in zip(curves, curved) if ok],
+                            [w for w, ok in zip(weights, curved) if ok], n_resamples, rng)
+    if drawn is not None:
         samples[1:, drawn[0]] = drawn[1]
-    if any(replicated):
-        in_curve = np.concatenate([idx for idx, rep in zip(curves, replicated) if rep])
-        samples[1:, in_curve] = _seed_means(seed_losses[in_curve], n_resamples, rng)
+        return samples
+    if not all(rep for rep, ok in zip(replicated, curved) if ok):
+        notes.append(f"{family}: every IsoFLOP curve has exactly 3 sizes, so the parabolas leave no residuals to "
+                     "resample" + (" and some lack replicate seeds" if any(replicated) else "") +
+                     ": Approach 2 has no intervals")
+        return loss[None]
+    in_curve = np.concatenate([idx for idx, rep in zip(curves, replicated) if rep])
+    samples[1:, in_curve] = _seed_means(seed_losses[in_curve], n_resamples, rng)
     return samples
 
 
@@ -286,15 +288,20 @@ def _t_widening(dof: int, level: float = LEVEL) -> float:
 
 
 def _seed_means(seed_losses: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """(R, points): each point's mean over its k seeds drawn k times with replacement (a case bootstrap).
+    """(R, points): each point's mean plus the mean of k deviations drawn from the pool of every point's seed
+    deviations from its mean, each rescaled by sqrt(k/(k-1)) and widened by t/z for the pool's dof.
 
-    `seed_losses` (points, most seeds) is NaN-padded on the right; draws past a point's k are masked out.
+    Only where the parabolas leave no residuals (3 sizes per curve). A case bootstrap of each point's own k seeds
+    would draw means with (k-1)/k of their variance (half with two seeds). `seed_losses` (points, most seeds) is
+    NaN-padded on the right; draws past a point's k are masked out.
     """
     k = np.isfinite(seed_losses).sum(axis=1)
+    means = np.nanmean(seed_losses, axis=1)
+    deviations = (seed_losses - means[:, None]) * np.sqrt(k / (k - 1))[:, None]
+    pool = deviations[np.isfinite(deviations)] * _t_widening(int((k - 1).sum()))
     width = seed_losses.shape[1]
-    draws = rng.integers(0, k[:, None], size=(n_resamples, len(k), width))
-    picked = seed_losses[np.arange(len(k))[:, None], draws]
-    return np.where(np.arange(width) < k[:, None], picked, 0.0).sum(axis=2) / k
+    draws = pool[rng.integers(0, len(pool), size=(n_resamples, len(k), width))]
+    return means + np.where(np.arange(width) < k[:, None], draws, 0.0).sum(axis=2) / k
 
 
 def _weights(se: np.ndarray) -> np.ndarray | None:
@@ -302,8 +309,12 @@ def _weights(se: np.ndarray) -> np.ndarray | None:
     return 1.0 / se if np.all(np.isfinite(se) & (se > 0)) else None
 
 
-def _weighting_note(weighted: list[bool], family: str) -> str:
+def _weighting_note(weighted: list[bool], family: str, replicated: int = 0) -> str:
+    """What weighs the parabolas: `weighted` per unreplicated curve, and the number of replicated curves."""
     done, total = sum(weighted), len(weighted)
+    if replicated:
+        rest = f"; {done} of the other {total} by 1/loss_se" if total else ""
+        return f"{family}: {replicated} IsoFLOP parabolas with replicate seeds weighted by sqrt(seeds){rest}"
     if done == 0:
         return (f"{family}: IsoFLOP parabolas fitted unweighted: no curve has a positive comparison error "
                 "(replicate seeds or val_mc_stderr) at every size")

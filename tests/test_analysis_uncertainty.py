@@ -3,9 +3,10 @@ seeds averaged into points with a comparison error, weighted parabolas and the s
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.special import ndtri, stdtrit
 
 from analysis.cli import main
-from analysis.isoflop import bucket_budgets, fit_isoflop
+from analysis.isoflop import _seed_means, bucket_budgets, fit_isoflop
 from analysis.plots import render
 from analysis.runs import (
     average_seeds,
@@ -195,27 +196,51 @@ def test_a_curve_with_a_zero_or_unknown_error_is_fitted_unweighted(others_se):
     assert "arm: IsoFLOP parabolas fitted unweighted" in fit.notes[0]
 
 
-# --- the seed bootstrap ---
+# --- replicate seeds in the bootstrap ---
 
-def seed_curves(spread: float, resamples: int = 300):
-    """Three seeds per point at -spread, 0, +spread around the noiseless law: the means lie on it exactly,
-    so pooled residuals would have nothing to resample; only the seeds can."""
-    table = replicated(synthetic_runs(ARM, sizes=5, noise=0.0), (-spread, 0.0, spread))
-    points, seed_losses = average_seeds(table)
+def seed_curves(spread: float, sizes: int = 5, shape_effect: float = 0.0, resamples: int = 300):
+    """Three seeds per point at -spread, 0, +spread around the law, each size's mean moved by ±shape_effect in
+    turn (what a shape does that the parabola does not)."""
+    runs = synthetic_runs(ARM, sizes=sizes, noise=0.0)
+    runs["loss"] += shape_effect * np.where(runs.groupby("budget").cumcount() % 2 == 0, 1.0, -1.0)
+    points, seed_losses = average_seeds(replicated(runs, (-spread, 0.0, spread)))
     labels, budgets = bucket_budgets(points["budget"].to_numpy(), 0.1)
     n, d, loss, se = (points[c].to_numpy() for c in ("params", "tokens", "loss", "loss_se"))
     return fit_isoflop(n, d, loss, labels, budgets, resamples, np.random.default_rng(0), "arm", se, seed_losses)
 
 
-def test_the_seed_bootstrap_widens_with_the_spread_between_seeds():
-    narrow, wide = seed_curves(0.002), seed_curves(0.02)
-    assert any("5 of 5 IsoFLOP curves have >= 2 seeds at every size" in note for note in wide.notes)
+def widths(fit) -> list[float]:
+    return [np.log(b.n_opt_ci[1] / b.n_opt_ci[0]) for b in fit.buckets]
+
+
+def test_replicated_curves_resample_residuals_that_see_a_shape_effect_their_seeds_miss():
+    """Seeds that agree to 0.002 at sizes whose means zig-zag by 0.02 about the parabola: the band follows the
+    zig-zag, as a one-seed curve's would, not the seeds."""
+    smooth, zigzag = seed_curves(0.002), seed_curves(0.002, shape_effect=0.02)
+    assert any("5 IsoFLOP parabolas with replicate seeds weighted by sqrt(seeds)" in n for n in zigzag.notes)
+    assert all(b.usable for b in zigzag.buckets)
+    assert min(widths(zigzag)) > 5 * max(widths(smooth))
+
+
+def test_with_three_sizes_per_curve_the_seeds_give_the_band():
+    """Three sizes leave a parabola no residuals; replicate seeds still measure the noise, and the band widens
+    with their spread."""
+    narrow, wide = seed_curves(0.002, sizes=3), seed_curves(0.02, sizes=3)
     for a, b in zip(narrow.buckets, wide.buckets):
-        assert a.n_opt == pytest.approx(b.n_opt)  # same means, same weights up to scale: same fit
-        width = [np.log(x.n_opt_ci[1] / x.n_opt_ci[0]) for x in (a, b)]
-        assert 0 < width[0] and width[1] > 5 * width[0]
-    lo, hi = (law.exponent_ci for law in (narrow.n_opt_law, wide.n_opt_law))
-    assert hi[1] - hi[0] > 5 * (lo[1] - lo[0]) > 0
+        assert a.n_opt == pytest.approx(b.n_opt)  # same means, same weights: same fit
+    assert 0 < min(widths(narrow)) and min(widths(wide)) > 5 * max(widths(narrow))
+    assert not any("no intervals" in note for note in wide.notes)
+
+
+def test_two_seeds_resample_point_means_with_the_seed_variance_not_half_of_it():
+    """Two seeds per point at ±d: each point's unbiased seed variance is 2d², so its mean's is d². A case bootstrap
+    of the pair gives d²/2; the pooled, rescaled draws give d² (times (t/z)² for the pool's dof)."""
+    d, points = 0.05, 30
+    seed_losses = 3.0 + np.array([[-d, d]] * points)
+    means = _seed_means(seed_losses, 4000, np.random.default_rng(0))
+    widening = float(stdtrit(points, 0.975) / ndtri(0.975))
+    assert np.std(means, axis=0).mean() == pytest.approx(d * widening, rel=0.05)
+    assert np.allclose(means.mean(axis=0), 3.0, atol=0.005)
 
 
 def test_replicates_flow_through_the_study_and_the_figure(tmp_path):
@@ -223,5 +248,5 @@ def test_replicates_flow_through_the_study_and_the_figure(tmp_path):
     study = analyze(table, Settings(bootstrap=20), log=lambda _: None)
     fam = study.families["mdm"]
     assert len(fam.runs) == len(table) // 2 and [b.n_runs for b in fam.isoflop.buckets] == [15, 15, 15]
-    assert "mdm: 3 of 3 IsoFLOP parabolas weighted by 1/loss_se" in study.notes
+    assert "mdm: 3 IsoFLOP parabolas with replicate seeds weighted by sqrt(seeds)" in study.notes
     assert [p.name for p in render("isoflop_curves", study, tmp_path)] == ["isoflop_curves.png", "isoflop_curves.pdf"]
