@@ -231,12 +231,9 @@ def fit_optima_laws(budgets: np.ndarray, optima: np.ndarray, mask: np.ndarray, l
 
 def _resample_losses(x, loss, curves, curved, weights, n_resamples, rng, notes, family, replicated,
                      seed_losses) -> np.ndarray:
-    """Row 0: the losses; rows 1..R: resampled losses, from the parabolas' pooled residuals; where those leave no
-    degrees of freedom, replicated curves from their seeds.
-
-    Residuals come first also where seeds exist: a point mean departs from its parabola by its seeds' noise and by
-    what its shape does that a parabola does not (an MDM's one-head and two-head shapes of similar size differ by
-    more than their seeds, docs/LOG.md 2026-12-07), and only the residuals see both."""
+    """Row 0: the losses; rows 1..R: resampled losses, from the parabolas' pooled residuals, also where seeds exist:
+    a point mean departs from its parabola by its seeds' noise and by what its shape does that a parabola does not
+    (docs/method.md §6), and only residuals see both. Where they leave no dof, replicated curves use their seeds."""
     if n_resamples <= 0 or not any(curved):
         return loss[None]
     samples = np.repeat(loss[None], n_resamples + 1, axis=0)
@@ -247,8 +244,7 @@ def _resample_losses(x, loss, curves, curved, weights, n_resamples, rng, notes, 
         return samples
     if not all(rep for rep, ok in zip(replicated, curved) if ok):
         notes.append(f"{family}: every IsoFLOP curve has exactly 3 sizes, so the parabolas leave no residuals to "
-                     "resample" + (" and some lack replicate seeds" if any(replicated) else "") +
-                     ": Approach 2 has no intervals")
+                     "resample, and not every curve has replicate seeds: Approach 2 has no intervals")
         return loss[None]
     in_curve = np.concatenate([idx for idx, rep in zip(curves, replicated) if rep])
     samples[1:, in_curve] = _seed_means(seed_losses[in_curve], n_resamples, rng)
