@@ -58,3 +58,13 @@ def test_counting_failures_widens_only_by_the_failed_share():
     assert lo_some < lo and hi_some > hi and math.isfinite(lo_some) and math.isfinite(hi_some)
     many = np.where(np.arange(1001) % 20 == 0, np.nan, draws)  # 5%: more than a tail's share
     assert bench.counting_failures(many) == (-math.inf, math.inf)
+
+
+def test_replicate_seeds_are_separate_noisy_runs_the_analysis_averages():
+    truth = bench.Truth(bench.ARM_LAW, 150.0, seeds=2)
+    table = bench.simulate_table(truth, np.random.default_rng(0))
+    per_point = table.groupby(["family", "budget", "params"])
+    assert (per_point.size() == 2).all() and (per_point["loss"].nunique() == 2).all()
+    assert sorted(table["seed"].unique()) == [0, 1]
+    row = bench.run_study(truth, "centred", 0, bootstrap=60)
+    assert row["gap_lo"] < row["gap"] < row["gap_hi"]
