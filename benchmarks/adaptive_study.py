@@ -7,6 +7,9 @@ whether its optimum is interior, the headline gap with its band, and the FLOPs t
 hand-centred grid of the same budgets (five sizes each). Resumable: rerun to continue an interrupted study.
 
     .venv/bin/python benchmarks/adaptive_study.py --out results/untuned      # about 20-40 min on 2 cores
+    .venv/bin/python benchmarks/adaptive_study.py --out results/untuned2 --seeds 0 1   # about 50 min
+
+Use a fresh --out for each set of seeds: runs of another seed set left in the store enter the analysis too.
 """
 from __future__ import annotations
 
