@@ -112,8 +112,9 @@ class LadderSearch(Searcher):
 
     def ready(self, job: Job) -> bool:
         own = RunFolder.of_point(self.storage, job.branch.point.spec.run_hash).checkpoints
-        stable = stable_checkpoints(self.storage, job.run.run_hash)
-        return kept_checkpoints.has_checkpoint(own) or job.branch.step in kept_checkpoints.kept_steps(stable)
+        if kept_checkpoints.has_checkpoint(own):
+            return True  # a branch resumes from its own checkpoint first; the stable run's is read only without it
+        return job.branch.step in kept_checkpoints.kept_steps(stable_checkpoints(self.storage, job.run.run_hash))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         job = self.running.pop(trial_id, None)

@@ -176,9 +176,11 @@ def build_run(spec: RunSpec, data_dir: str | Path, out_dir: str | Path) -> Run:
 def resume(run: Run, resume_from: str | Path | None) -> int:
     """Load `resume_from` (a DeepSpeed checkpoint folder, whose latest tag is taken, or one tag's folder in it),
     else the run's own latest checkpoint; the next step."""
-    own = run.checkpoints if kept_checkpoints.has_checkpoint(run.checkpoints) else None
-    source = Path(resume_from) if resume_from else own
-    if source is None:
+    if resume_from:
+        source = Path(resume_from)
+    elif kept_checkpoints.has_checkpoint(run.checkpoints):
+        source = run.checkpoints
+    else:
         return 0
     if kept_checkpoints.has_checkpoint(source):
         _, client = run.engine.load_checkpoint(str(source))
